@@ -1,0 +1,232 @@
+//! The [`Backend`] trait: positional byte storage every part of r3map reads and writes through.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+/// What a backend can do beyond the four required verbs.
+///
+/// Layers report the capabilities of the backend they wrap, minus what they hide (a read-only layer
+/// would clear `trim`). Frontends advertise only what the probe says (NBD `SEND_TRIM`, FUSE
+/// `fallocate`), so a `false` here never reaches a caller as a failed request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)]
+pub struct Capabilities {
+    /// [`Backend::trim`] works: the range may be deallocated and then reads as zeroes.
+    pub trim: bool,
+    /// [`Backend::write_zeroes`] works more cheaply than writing a buffer of zeroes.
+    pub write_zeroes: bool,
+    /// [`Backend::extents`] reports holes (ranges known to read as zeroes).
+    pub extents: bool,
+    /// Writes are rejected.
+    pub read_only: bool,
+}
+
+/// One run of bytes as reported by [`Backend::extents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the run in bytes.
+    pub len: u64,
+    /// The run is a hole: it is not allocated and reads as zeroes.
+    pub hole: bool,
+}
+
+/// Positional, thread-safe byte storage of a fixed size.
+///
+/// The contract every implementation keeps (the [`conformance`](crate::conformance) suite checks it):
+/// - `size` is fixed for the life of the backend.
+/// - `read_at` fills the whole buffer or fails; it never returns a short read and never presents
+///   zeroes for data it could not fetch.
+/// - `write_at` writes the whole buffer or fails.
+/// - A range that ends past `size` fails with [`io::ErrorKind::InvalidInput`] and changes nothing.
+/// - A zero-length read or write at any offset up to `size` succeeds and does nothing.
+/// - `flush` returns once every write that completed before it was called is durable in the
+///   backend's own terms (on disk, at the remote, ...).
+/// - Concurrent calls on disjoint ranges do not interfere. Concurrent overlapping writes leave each
+///   byte with the value of one of them, as for a block device.
+pub trait Backend: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `off..off + buf.len()`.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a range past the end; any error of the storage underneath.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+
+    /// Writes `buf` at `off`.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a range past the end, `PermissionDenied` on a read-only backend; any error
+    /// of the storage underneath.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+
+    /// Makes completed writes durable.
+    ///
+    /// # Errors
+    /// Any error of the storage underneath; the writes stay pending and a later flush retries them.
+    fn flush(&self) -> io::Result<()>;
+
+    /// What the optional verbs below can do.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Deallocates `off..off + len`; afterwards the range reads as zeroes.
+    ///
+    /// # Errors
+    /// `Unsupported` unless [`Capabilities::trim`] is set.
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Err(unsupported("trim"))
+    }
+
+    /// Sets `off..off + len` to zeroes without sending a buffer of them.
+    ///
+    /// # Errors
+    /// `Unsupported` unless [`Capabilities::write_zeroes`] is set.
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Err(unsupported("write_zeroes"))
+    }
+
+    /// Describes `off..off + len` as a list of data and hole runs covering the range exactly.
+    ///
+    /// # Errors
+    /// `Unsupported` unless [`Capabilities::extents`] is set.
+    fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let _ = (off, len);
+        Err(unsupported("extents"))
+    }
+}
+
+fn unsupported(verb: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, format!("this backend does not support {verb}"))
+}
+
+/// A shared, type-erased backend: what layers wrap and stacks are built from at run time.
+pub type SharedBackend = Arc<dyn Backend>;
+
+macro_rules! forward_backend {
+    ($ty:ty) => {
+        impl<B: Backend + ?Sized> Backend for $ty {
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+                (**self).read_at(buf, off)
+            }
+            fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+                (**self).write_at(buf, off)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+            fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+                (**self).trim(off, len)
+            }
+            fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+                (**self).write_zeroes(off, len)
+            }
+            fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
+                (**self).extents(off, len)
+            }
+        }
+    };
+}
+
+forward_backend!(Arc<B>);
+forward_backend!(Box<B>);
+forward_backend!(&B);
+
+/// Checks that `off..off + len` lies within a backend of `size` bytes.
+///
+/// # Errors
+/// `InvalidInput`, with a message naming the range and the size, when it does not.
+pub fn check_range(off: u64, len: u64, size: u64) -> io::Result<()> {
+    match off.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            OutOfRange { off, len, size }.to_string(),
+        )),
+    }
+}
+
+/// Length of a buffer as a byte count.
+#[must_use]
+pub fn len64(buf: &[u8]) -> u64 {
+    buf.len() as u64
+}
+
+#[derive(Debug)]
+struct OutOfRange {
+    off: u64,
+    len: u64,
+    size: u64,
+}
+
+impl fmt::Display for OutOfRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "range {}..{} (offset {}, length {}) is beyond the end of the backend ({} bytes)",
+            self.off,
+            u128::from(self.off) + u128::from(self.len),
+            self.off,
+            self.len,
+            self.size
+        )
+    }
+}
+
+/// Reads with `read_at` until `buf` is full, for backends built on calls that may return short.
+///
+/// # Errors
+/// `UnexpectedEof` when `read` returns 0 before the buffer is full; any error of `read`.
+pub fn read_full(
+    mut buf: &mut [u8],
+    mut off: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read(buf, off) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("storage ended at offset {off} before the read was complete"),
+                ));
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                off += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_range_accepts_ranges_that_end_at_size() {
+        assert!(check_range(0, 10, 10).is_ok());
+        assert!(check_range(10, 0, 10).is_ok());
+    }
+
+    #[test]
+    fn check_range_rejects_overflow_and_past_end() {
+        let err = check_range(5, 6, 10).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("beyond the end"), "{err}");
+        assert!(check_range(u64::MAX, 2, 10).is_err());
+        assert!(check_range(11, 0, 10).is_err());
+    }
+}
