@@ -101,7 +101,10 @@ pub trait Backend: Send + Sync {
 }
 
 fn unsupported(verb: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, format!("this backend does not support {verb}"))
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("this backend does not support {verb}"),
+    )
 }
 
 /// A shared, type-erased backend: what layers wrap and stacks are built from at run time.

@@ -12,6 +12,8 @@ use crate::geometry::{Geometry, to_usize};
 pub const DEFAULT_PAGE_SIZE: u64 = 64 * 1024;
 const SHARDS: usize = 64;
 
+type Shard = RwLock<HashMap<u64, Box<[u8]>>>;
+
 /// Sparse memory of a fixed size.
 ///
 /// Memory is allocated in pages of `page_size` bytes, only for pages that hold a non-zero byte
@@ -21,7 +23,7 @@ const SHARDS: usize = 64;
 #[derive(Debug)]
 pub struct Memory {
     geometry: Geometry,
-    shards: Box<[RwLock<HashMap<u64, Box<[u8]>>>]>,
+    shards: Box<[Shard]>,
 }
 
 impl Memory {
@@ -53,11 +55,17 @@ impl Memory {
     pub fn allocated_bytes(&self) -> u64 {
         self.shards
             .iter()
-            .map(|s| s.read().expect("memory shard lock").values().map(|p| len64(p)).sum::<u64>())
+            .map(|s| {
+                s.read()
+                    .expect("memory shard lock")
+                    .values()
+                    .map(|p| len64(p))
+                    .sum::<u64>()
+            })
             .sum()
     }
 
-    fn shard(&self, page: u64) -> &RwLock<HashMap<u64, Box<[u8]>>> {
+    fn shard(&self, page: u64) -> &Shard {
         // Fibonacci hashing spreads consecutive pages over the shards.
         let h = page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
         &self.shards[to_usize(h) % SHARDS]
@@ -141,7 +149,12 @@ impl Backend for Memory {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { trim: true, write_zeroes: true, extents: true, read_only: false }
+        Capabilities {
+            trim: true,
+            write_zeroes: true,
+            extents: true,
+            read_only: false,
+        }
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
@@ -158,7 +171,11 @@ impl Backend for Memory {
         check_range(off, len, self.size())?;
         let mut out: Vec<Extent> = Vec::new();
         for piece in self.geometry.split(off, len) {
-            let hole = !self.shard(piece.chunk.0).read().expect("memory shard lock").contains_key(&piece.chunk.0);
+            let hole = !self
+                .shard(piece.chunk.0)
+                .read()
+                .expect("memory shard lock")
+                .contains_key(&piece.chunk.0);
             let n = piece.buf.len() as u64;
             match out.last_mut() {
                 Some(last) if last.hole == hole => last.len += n,
@@ -194,9 +211,18 @@ mod tests {
         assert_eq!(
             m.extents(0, 16384).unwrap(),
             vec![
-                Extent { len: 8192, hole: true },
-                Extent { len: 4096, hole: false },
-                Extent { len: 4096, hole: true }
+                Extent {
+                    len: 8192,
+                    hole: true
+                },
+                Extent {
+                    len: 4096,
+                    hole: false
+                },
+                Extent {
+                    len: 4096,
+                    hole: true
+                }
             ]
         );
     }
