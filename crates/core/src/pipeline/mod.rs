@@ -8,3 +8,6 @@ pub mod synced;
 pub use puller::Puller;
 pub use pusher::Pusher;
 pub use synced::Synced;
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,156 @@
+//! A probing backend for the pipeline's tests: counts calls, fails on demand, holds calls at a
+//! gate, and remembers the offsets it was asked for.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use crate::backend::{Backend, Capabilities};
+use crate::backends::Memory;
+
+#[derive(Debug, Default)]
+struct Gate {
+    closed: bool,
+    waiting: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Probe {
+    pub(crate) inner: Memory,
+    pub(crate) reads: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) fail_reads: AtomicBool,
+    pub(crate) fail_writes: AtomicBool,
+    /// Fail this many calls, then work.
+    pub(crate) fail_next: AtomicU64,
+    pub(crate) latency: Mutex<Duration>,
+    pub(crate) read_offsets: Mutex<Vec<u64>>,
+    gate_reads: AtomicBool,
+    gate_writes: AtomicBool,
+    gate: Mutex<Gate>,
+    cv: Condvar,
+}
+
+impl Probe {
+    pub(crate) fn new(inner: Memory) -> Self {
+        Self {
+            inner,
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            fail_reads: AtomicBool::new(false),
+            fail_writes: AtomicBool::new(false),
+            fail_next: AtomicU64::new(0),
+            latency: Mutex::new(Duration::ZERO),
+            read_offsets: Mutex::new(Vec::new()),
+            gate_reads: AtomicBool::new(false),
+            gate_writes: AtomicBool::new(false),
+            gate: Mutex::new(Gate::default()),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn with_data(data: &[u8]) -> Self {
+        Self::new(Memory::from_bytes(data))
+    }
+
+    /// Holds reads and/or writes at the gate until [`Probe::open_gate`].
+    pub(crate) fn close_gate(&self, reads: bool, writes: bool) {
+        self.gate.lock().unwrap().closed = true;
+        self.gate_reads.store(reads, Ordering::SeqCst);
+        self.gate_writes.store(writes, Ordering::SeqCst);
+    }
+
+    pub(crate) fn open_gate(&self) {
+        self.gate.lock().unwrap().closed = false;
+        self.cv.notify_all();
+    }
+
+    /// Waits until `n` calls are held at the gate.
+    pub(crate) fn wait_held(&self, n: usize) {
+        let mut g = self.gate.lock().unwrap();
+        while g.waiting < n {
+            g = self.cv.wait_timeout(g, Duration::from_secs(10)).unwrap().0;
+        }
+    }
+
+    fn pass(&self, gated: &AtomicBool) {
+        let latency = *self.latency.lock().unwrap();
+        if !latency.is_zero() {
+            std::thread::sleep(latency);
+        }
+        if gated.load(Ordering::SeqCst) {
+            let mut g = self.gate.lock().unwrap();
+            if g.closed {
+                g.waiting += 1;
+                self.cv.notify_all();
+                while g.closed {
+                    g = self.cv.wait(g).unwrap();
+                }
+                g.waiting -= 1;
+            }
+        }
+    }
+
+    fn check(&self, fail: &AtomicBool, what: &str) -> io::Result<()> {
+        let injected = fail.load(Ordering::SeqCst)
+            || self
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if injected {
+            return Err(io::Error::other(format!("probe: {what} failed on purpose")));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Probe {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.read_offsets.lock().unwrap().push(off);
+        self.pass(&self.gate_reads);
+        self.check(&self.fail_reads, "read")?;
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.pass(&self.gate_writes);
+        self.check(&self.fail_writes, "write")?;
+        self.inner.write_at(buf, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.trim(off, len)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(off, len)
+    }
+}
+
+/// Deterministic non-zero bytes.
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(1..=255)).collect()
+}
+
+/// The whole content of a backend.
+pub(crate) fn contents(b: &dyn Backend) -> Vec<u8> {
+    let mut buf = vec![0u8; crate::geometry::to_usize(b.size())];
+    b.read_at(&mut buf, 0).unwrap();
+    buf
+}
