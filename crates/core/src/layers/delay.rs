@@ -1,3 +1,253 @@
-//! Placeholder being written.
-#[derive(Debug)]
-pub struct Delay;
+//! A simulated network link in front of a backend, for tests and benchmarks.
+//!
+//! [`Delay`] makes every `read_at`, `write_at`, `flush`, `trim`, `write_zeroes` and `extents`
+//! take at least `latency` (one round trip), as the r3map thesis simulated remote resources by
+//! adding RTT. Concurrent calls wait concurrently, like requests in flight on a link, so latency
+//! is hidden by parallelism as it is on a real network.
+//!
+//! With a bandwidth cap, the layer also models one shared link of that many bytes per second: a
+//! call that moves `len` bytes (the buffer of a read or write; trims, zeroings, flushes and extent
+//! queries move none) reserves `len / bandwidth` of the link, starting when the link is free,
+//! and completes `latency` after its transfer ends. So `n` concurrent transfers of `len` bytes
+//! take `n * len / bandwidth + latency` together.
+//!
+//! The wait comes first, then the inner call. The layer does not model packet loss, jitter,
+//! request size limits or a cost for the answer's direction separately, and `size` and
+//! `capabilities` never wait.
+
+use std::fmt;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, Capabilities, Extent, len64};
+
+/// A simulated link of fixed latency and optional bandwidth; see the [module documentation](self).
+pub struct Delay<B> {
+    inner: B,
+    latency: Duration,
+    bytes_per_sec: Option<u64>,
+    /// When the link has finished every transfer reserved so far.
+    link_free_at: Mutex<Instant>,
+}
+
+impl<B: Backend> Delay<B> {
+    /// Every call waits `latency`; bandwidth is unlimited.
+    #[must_use]
+    pub fn new(inner: B, latency: Duration) -> Self {
+        Self::with_bandwidth(inner, latency, None)
+    }
+
+    /// Every call waits `latency`, and calls share a link of `bytes_per_sec` bytes per second.
+    /// `None` (or `Some(0)`) means unlimited bandwidth.
+    #[must_use]
+    pub fn with_bandwidth(inner: B, latency: Duration, bytes_per_sec: Option<u64>) -> Self {
+        Self {
+            inner,
+            latency,
+            bytes_per_sec: bytes_per_sec.filter(|&bw| bw > 0),
+            link_free_at: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits as long as a call moving `bytes` takes on the link.
+    fn wait(&self, bytes: u64) {
+        let deadline = match self.bytes_per_sec {
+            Some(bw) if bytes > 0 => {
+                let nanos = u128::from(bytes) * 1_000_000_000 / u128::from(bw);
+                let transfer = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+                let mut free_at = self.link_free_at.lock().expect("delay link lock");
+                let start = (*free_at).max(Instant::now());
+                *free_at = start + transfer;
+                *free_at + self.latency
+            }
+            _ if self.latency.is_zero() => return,
+            _ => Instant::now() + self.latency,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+impl<B> Delay<B> {
+    /// The latency every call waits.
+    #[must_use]
+    pub fn latency(&self) -> Duration {
+        self.latency
+    }
+
+    /// The bandwidth cap in bytes per second, if any.
+    #[must_use]
+    pub fn bytes_per_sec(&self) -> Option<u64> {
+        self.bytes_per_sec
+    }
+
+    /// The wrapped backend.
+    #[must_use]
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// Unwraps the layer, returning the wrapped backend.
+    #[must_use]
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> fmt::Debug for Delay<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delay")
+            .field("latency", &self.latency)
+            .field("bytes_per_sec", &self.bytes_per_sec)
+            .field("inner", &std::any::type_name::<B>())
+            .finish()
+    }
+}
+
+impl<B: Backend> Backend for Delay<B> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.wait(len64(buf));
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.wait(len64(buf));
+        self.inner.write_at(buf, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.wait(0);
+        self.inner.flush()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        self.wait(0);
+        self.inner.trim(off, len)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        self.wait(0);
+        self.inner.write_zeroes(off, len)
+    }
+
+    fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.wait(0);
+        self.inner.extents(off, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::SharedBackend;
+    use crate::backends::Memory;
+    use crate::conformance;
+
+    fn timed(f: impl FnOnce()) -> Duration {
+        let start = Instant::now();
+        f();
+        start.elapsed()
+    }
+
+    #[test]
+    fn conformance_without_delay() {
+        conformance::run(&|size| -> SharedBackend {
+            Arc::new(Delay::new(Memory::new(size), Duration::ZERO))
+        });
+        conformance::run(&|size| -> SharedBackend {
+            Arc::new(Delay::with_bandwidth(
+                Memory::new(size),
+                Duration::ZERO,
+                Some(u64::MAX),
+            ))
+        });
+    }
+
+    #[test]
+    fn every_call_waits_the_latency() {
+        let latency = Duration::from_millis(20);
+        let d = Delay::new(Memory::new(4096), latency);
+        assert!(timed(|| d.read_at(&mut [0u8; 10], 0).unwrap()) >= latency);
+        assert!(timed(|| d.write_at(&[1u8; 10], 0).unwrap()) >= latency);
+        assert!(timed(|| d.flush().unwrap()) >= latency);
+        assert!(timed(|| d.trim(0, 10).unwrap()) >= latency);
+        assert!(timed(|| d.write_zeroes(0, 10).unwrap()) >= latency);
+        assert!(timed(|| drop(d.extents(0, 10).unwrap())) >= latency);
+    }
+
+    #[test]
+    fn size_and_capabilities_do_not_wait() {
+        let d = Delay::new(Memory::new(4096), Duration::from_secs(30));
+        let took = timed(|| {
+            assert_eq!(d.size(), 4096);
+            assert!(d.capabilities().trim);
+        });
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert_eq!(d.latency(), Duration::from_secs(30));
+        assert_eq!(d.bytes_per_sec(), None);
+    }
+
+    #[test]
+    fn concurrent_calls_wait_concurrently() {
+        let latency = Duration::from_millis(50);
+        let d = Delay::new(Memory::new(4096), latency);
+        let took = timed(|| {
+            std::thread::scope(|s| {
+                for i in 0..4u8 {
+                    let d = &d;
+                    s.spawn(move || d.write_at(&[i; 10], u64::from(i) * 10).unwrap());
+                }
+            });
+        });
+        assert!(took >= latency, "{took:?}");
+        assert!(
+            took < Duration::from_millis(175),
+            "calls were serialised: {took:?}"
+        );
+    }
+
+    #[test]
+    fn bandwidth_caps_transfers() {
+        let d = Delay::with_bandwidth(Memory::new(2_000_000), Duration::ZERO, Some(10_000_000));
+        assert_eq!(d.bytes_per_sec(), Some(10_000_000));
+        let data = vec![1u8; 1_000_000];
+        assert!(timed(|| d.write_at(&data, 0).unwrap()) >= Duration::from_millis(100));
+        // The link is shared: two concurrent 500 KB reads take as long as one 1 MB transfer.
+        let took = timed(|| {
+            std::thread::scope(|s| {
+                for i in 0..2u64 {
+                    let d = &d;
+                    s.spawn(move || d.read_at(&mut vec![0u8; 500_000], i * 500_000).unwrap());
+                }
+            });
+        });
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+    }
+
+    #[test]
+    fn latency_adds_to_transfer_time() {
+        let d = Delay::with_bandwidth(
+            Memory::new(100_000),
+            Duration::from_millis(30),
+            Some(1_000_000),
+        );
+        // 50 KB at 1 MB/s is 50 ms, plus 30 ms.
+        assert!(timed(|| d.write_at(&vec![1u8; 50_000], 0).unwrap()) >= Duration::from_millis(80));
+        let zero = Delay::with_bandwidth(Memory::new(10), Duration::ZERO, Some(0));
+        assert_eq!(zero.bytes_per_sec(), None, "zero means unlimited");
+        assert!(format!("{zero:?}").contains("Delay"));
+    }
+}

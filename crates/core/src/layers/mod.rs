@@ -10,6 +10,6 @@ pub mod tracked;
 pub use aligned::Aligned;
 pub use chunked::Chunked;
 pub use delay::Delay;
-pub use fault::FaultInject;
+pub use fault::{FaultConfig, FaultInject, Ops};
 pub use locked::Locked;
 pub use tracked::Tracked;
