@@ -491,6 +491,8 @@ fn pull_with_retries(shared: &Shared, run: Range<u64>, scratch: &mut Vec<u8>) ->
 }
 
 #[cfg(test)]
+// Test sizes are a few MiB: `u64 as usize` cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::sync::atomic::Ordering;
 

@@ -323,6 +323,8 @@ impl Backend for Pusher {
 }
 
 #[cfg(test)]
+// Test sizes are a few MiB: `u64 as usize` cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use std::sync::atomic::Ordering;
 
