@@ -73,28 +73,18 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     let remote_memory = Arc::new(Memory::from_bytes(&model));
     let remote = Arc::new(Delay::new(remote_memory.clone(), args.latency));
     let local = Arc::new(Memory::new(args.size));
-    let opts = SyncedOptions {
-        chunk_size: args.chunk_size,
-        ..SyncedOptions::default()
-    };
+    let opts = SyncedOptions { chunk_size: args.chunk_size, ..SyncedOptions::default() };
     let synced = Arc::new(Synced::new(remote, local, opts).context("building the managed stack")?);
 
     let started = Instant::now();
     let puller = Puller::start(
         Arc::clone(&synced),
-        PullerOptions {
-            depth: args.pull_depth,
-            request_size: args.pull_request,
-            ..PullerOptions::default()
-        },
+        PullerOptions { depth: args.pull_depth, request_size: args.pull_request, ..PullerOptions::default() },
     )
     .context("starting the background pull")?;
     let pusher = Pusher::start(
         Arc::clone(&synced),
-        PusherOptions {
-            interval: args.push_interval,
-            ..PusherOptions::default()
-        },
+        PusherOptions { interval: args.push_interval, ..PusherOptions::default() },
     )
     .context("starting the background push")?;
 
@@ -146,14 +136,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     puller.close();
 
     let mut remote_now = vec![0u8; size_usize];
-    remote_memory
-        .read_at(&mut remote_now, 0)
-        .context("reading the remote back")?;
+    remote_memory.read_at(&mut remote_now, 0).context("reading the remote back")?;
     let matches = remote_now == model;
 
-    println!(
-        "application: {reads} reads and {writes} writes in {ops_time:.2?}, every read checked"
-    );
+    println!("application: {reads} reads and {writes} writes in {ops_time:.2?}, every read checked");
     println!(
         "pulled:      {} chunks ({}) in {} requests: {} in the background, {} on demand",
         stats.pulled_chunks,
@@ -171,17 +157,10 @@ pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
     );
     println!("everything local and pushed after {total_time:.2?}");
     if !matches {
-        let first = remote_now
-            .iter()
-            .zip(&model)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
+        let first = remote_now.iter().zip(&model).position(|(a, b)| a != b).unwrap_or(0);
         bail!("the remote differs from what was written, first at byte {first}");
     }
-    println!(
-        "check:       the remote equals everything written ({})",
-        human(args.size)
-    );
+    println!("check:       the remote equals everything written ({})", human(args.size));
     Ok(())
 }
 
@@ -203,18 +182,14 @@ fn app_thread(
         let at = rng.usize(0..=model.len() - len);
         let off = base + at as u64;
         if rng.u8(0..10) < 6 {
-            backend
-                .read_at(&mut buf[..len], off)
-                .with_context(|| format!("read {len} bytes at {off}"))?;
+            backend.read_at(&mut buf[..len], off).with_context(|| format!("read {len} bytes at {off}"))?;
             if buf[..len] != model[at..at + len] {
                 bail!("read {len} bytes at {off} returned wrong data");
             }
             reads += 1;
         } else {
             let data = pattern(args.seed ^ (thread << 32) ^ i, len);
-            backend
-                .write_at(&data, off)
-                .with_context(|| format!("write {len} bytes at {off}"))?;
+            backend.write_at(&data, off).with_context(|| format!("write {len} bytes at {off}"))?;
             model[at..at + len].copy_from_slice(&data);
             writes += 1;
         }

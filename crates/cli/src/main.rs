@@ -36,9 +36,7 @@ fn main() -> anyhow::Result<()> {
         _ => "trace",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
         .init();
     match cli.command {

@@ -9,9 +9,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (try 4096, 64KiB, 4GiB)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (try 4096, 64KiB, 4GiB)"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -19,13 +17,10 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 30,
         "t" | "tb" | "tib" => 40,
         other => {
-            return Err(format!(
-                "unknown size unit '{other}' in '{s}' (use B, KiB, MiB, GiB or TiB)"
-            ));
+            return Err(format!("unknown size unit '{other}' in '{s}' (use B, KiB, MiB, GiB or TiB)"));
         }
     };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 /// Parses a duration: a number with a unit `us`, `ms`, `s` or `m`.
@@ -33,17 +28,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (try 40ms, 2s)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (try 40ms, 2s)"))?;
     match unit.trim() {
         "us" | "µs" => Ok(Duration::from_micros(n)),
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" | "min" => Ok(Duration::from_secs(n * 60)),
-        other => Err(format!(
-            "unknown duration unit '{other}' in '{s}' (use us, ms, s or m)"
-        )),
+        other => Err(format!("unknown duration unit '{other}' in '{s}' (use us, ms, s or m)")),
     }
 }
 
@@ -56,11 +47,7 @@ pub(crate) fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 #[cfg(test)]
@@ -73,17 +60,9 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert_eq!(parse_size("4G"), Ok(4 << 30));
         assert_eq!(parse_size("1 MiB"), Ok(1 << 20));
-        assert!(
-            parse_size("12XB")
-                .unwrap_err()
-                .contains("unknown size unit")
-        );
+        assert!(parse_size("12XB").unwrap_err().contains("unknown size unit"));
         assert!(parse_size("lots").is_err());
-        assert!(
-            parse_size("99999999999T")
-                .unwrap_err()
-                .contains("too large")
-        );
+        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
     }
 
     #[test]

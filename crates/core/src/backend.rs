@@ -101,10 +101,7 @@ pub trait Backend: Send + Sync {
 }
 
 fn unsupported(verb: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Unsupported,
-        format!("this backend does not support {verb}"),
-    )
+    io::Error::new(io::ErrorKind::Unsupported, format!("this backend does not support {verb}"))
 }
 
 /// A shared, type-erased backend: what layers wrap and stacks are built from at run time.
@@ -152,10 +149,7 @@ forward_backend!(&B);
 pub fn check_range(off: u64, len: u64, size: u64) -> io::Result<()> {
     match off.checked_add(len) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            OutOfRange { off, len, size }.to_string(),
-        )),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, OutOfRange { off, len, size }.to_string())),
     }
 }
 

@@ -14,10 +14,7 @@ pub struct AtomicBitmap {
 }
 
 fn split(bit: u64) -> (usize, u64) {
-    (
-        usize::try_from(bit / 64).expect("bitmap index fits in usize"),
-        1u64 << (bit % 64),
-    )
+    (usize::try_from(bit / 64).expect("bitmap index fits in usize"), 1u64 << (bit % 64))
 }
 
 impl AtomicBitmap {
@@ -25,10 +22,7 @@ impl AtomicBitmap {
     #[must_use]
     pub fn new(len: u64) -> Self {
         let words = usize::try_from(len.div_ceil(64)).expect("bitmap fits in memory");
-        Self {
-            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            len,
-        }
+        Self { words: (0..words).map(|_| AtomicU64::new(0)).collect(), len }
     }
 
     #[must_use]
@@ -78,10 +72,7 @@ impl AtomicBitmap {
     /// Number of set bits.
     #[must_use]
     pub fn count_ones(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+        self.words.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
     }
 
     /// The first set bit at or after `from`, if any before `end`.
@@ -116,20 +107,13 @@ impl AtomicBitmap {
     }
 
     /// Runs of consecutive set bits within `range`, each at most `max_run` long.
-    pub fn set_runs(
-        &self,
-        range: Range<u64>,
-        max_run: u64,
-    ) -> impl Iterator<Item = Range<u64>> + '_ {
+    pub fn set_runs(&self, range: Range<u64>, max_run: u64) -> impl Iterator<Item = Range<u64>> + '_ {
         let max_run = max_run.max(1);
         let mut pos = range.start;
         let end = range.end.min(self.len);
         std::iter::from_fn(move || {
             let start = self.next_set(pos, end)?;
-            let stop = self
-                .next_clear(start, end)
-                .unwrap_or(end)
-                .min(start + max_run);
+            let stop = self.next_clear(start, end).unwrap_or(end).min(start + max_run);
             pos = stop;
             Some(start..stop)
         })

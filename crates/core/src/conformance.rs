@@ -37,18 +37,14 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 fn read(b: &dyn Backend, off: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0xAA; len];
-    b.read_at(&mut buf, off)
-        .unwrap_or_else(|e| panic!("read {len} bytes at {off} failed: {e}"));
+    b.read_at(&mut buf, off).unwrap_or_else(|e| panic!("read {len} bytes at {off} failed: {e}"));
     buf
 }
 
 fn assert_model(b: &dyn Backend, model: &[u8], check: &str) {
     let got = read(b, 0, model.len());
     if let Some(i) = got.iter().zip(model).position(|(a, m)| a != m) {
-        panic!(
-            "{check}: byte {i} reads {} but {} was written",
-            got[i], model[i]
-        );
+        panic!("{check}: byte {i} reads {} but {} was written", got[i], model[i]);
     }
 }
 
@@ -76,14 +72,9 @@ fn writes_read_back(b: &dyn Backend) {
     ];
     for (i, (off, len)) in cases.into_iter().enumerate() {
         let data = pattern(i as u64, len);
-        b.write_at(&data, off)
-            .unwrap_or_else(|e| panic!("write {len} at {off} failed: {e}"));
+        b.write_at(&data, off).unwrap_or_else(|e| panic!("write {len} at {off} failed: {e}"));
         model[off as usize..off as usize + len].copy_from_slice(&data);
-        assert_eq!(
-            read(b, off, len),
-            data,
-            "writes_read_back: case {i} read back differs"
-        );
+        assert_eq!(read(b, off, len), data, "writes_read_back: case {i} read back differs");
     }
     b.flush().expect("flush after writes");
     assert_model(b, &model, "writes_read_back");
@@ -92,31 +83,13 @@ fn writes_read_back(b: &dyn Backend) {
 fn out_of_range_is_rejected(b: &dyn Backend) {
     let size = b.size();
     let before = read(b, 0, size as usize);
-    let cases = [
-        (size, 1usize),
-        (size - 1, 2),
-        (u64::MAX, 1),
-        (u64::MAX - 1, 4096),
-        (size + 4096, 0),
-    ];
+    let cases = [(size, 1usize), (size - 1, 2), (u64::MAX, 1), (u64::MAX - 1, 4096), (size + 4096, 0)];
     for (off, len) in cases {
         let mut buf = vec![0u8; len];
-        let err = b
-            .read_at(&mut buf, off)
-            .expect_err("a read past the end must fail");
-        assert_eq!(
-            err.kind(),
-            io::ErrorKind::InvalidInput,
-            "read at {off}+{len}: {err}"
-        );
-        let err = b
-            .write_at(&vec![9u8; len], off)
-            .expect_err("a write past the end must fail");
-        assert_eq!(
-            err.kind(),
-            io::ErrorKind::InvalidInput,
-            "write at {off}+{len}: {err}"
-        );
+        let err = b.read_at(&mut buf, off).expect_err("a read past the end must fail");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "read at {off}+{len}: {err}");
+        let err = b.write_at(&vec![9u8; len], off).expect_err("a write past the end must fail");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "write at {off}+{len}: {err}");
     }
     assert_model(b, &before, "out_of_range_is_rejected (nothing may change)");
 }
@@ -124,10 +97,8 @@ fn out_of_range_is_rejected(b: &dyn Backend) {
 fn empty_io(b: &dyn Backend) {
     let size = b.size();
     for off in [0, 1, size] {
-        b.read_at(&mut [], off)
-            .expect("an empty read inside the size succeeds");
-        b.write_at(&[], off)
-            .expect("an empty write inside the size succeeds");
+        b.read_at(&mut [], off).expect("an empty read inside the size succeeds");
+        b.write_at(&[], off).expect("an empty write inside the size succeeds");
     }
 }
 
@@ -138,43 +109,26 @@ fn optional_verbs(b: &dyn Backend) {
     b.write_at(&model, 0).expect("fill");
     if caps.trim {
         for (off, len) in [(4096u64, 8192u64), (100, 70_000), (size - 5000, 5000)] {
-            b.trim(off, len)
-                .unwrap_or_else(|e| panic!("trim {off}+{len}: {e}"));
+            b.trim(off, len).unwrap_or_else(|e| panic!("trim {off}+{len}: {e}"));
             model[off as usize..(off + len) as usize].fill(0);
         }
         assert_model(b, &model, "trim zeroes the range");
-        assert_eq!(
-            b.trim(size, 1).expect_err("trim past end").kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(b.trim(size, 1).expect_err("trim past end").kind(), io::ErrorKind::InvalidInput);
     } else {
-        assert_eq!(
-            b.trim(0, 1).expect_err("trim without capability").kind(),
-            io::ErrorKind::Unsupported
-        );
+        assert_eq!(b.trim(0, 1).expect_err("trim without capability").kind(), io::ErrorKind::Unsupported);
     }
     if caps.write_zeroes {
         for (off, len) in [(300_000u64, 1u64), (1_000_000, 300_000)] {
-            b.write_zeroes(off, len)
-                .unwrap_or_else(|e| panic!("write_zeroes {off}+{len}: {e}"));
+            b.write_zeroes(off, len).unwrap_or_else(|e| panic!("write_zeroes {off}+{len}: {e}"));
             model[off as usize..(off + len) as usize].fill(0);
         }
         assert_model(b, &model, "write_zeroes zeroes the range");
-        assert_eq!(
-            b.write_zeroes(size, 1).expect_err("past end").kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(b.write_zeroes(size, 1).expect_err("past end").kind(), io::ErrorKind::InvalidInput);
     }
     if caps.extents {
         for (off, len) in [(0u64, size), (5000, 1_000_000), (size - 1, 1)] {
-            let extents = b
-                .extents(off, len)
-                .unwrap_or_else(|e| panic!("extents {off}+{len}: {e}"));
-            assert_eq!(
-                extents.iter().map(|e| e.len).sum::<u64>(),
-                len,
-                "extents cover the range exactly"
-            );
+            let extents = b.extents(off, len).unwrap_or_else(|e| panic!("extents {off}+{len}: {e}"));
+            assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), len, "extents cover the range exactly");
             let mut pos = off;
             for e in extents {
                 if e.hole {
@@ -208,11 +162,7 @@ fn concurrent_disjoint_writes(b: &SharedBackend) {
                     let len = (((i * 7919) % 20_000) + 1).min(end - off);
                     let data = pattern(t * 1000 + i, len as usize);
                     b.write_at(&data, off).expect("concurrent write");
-                    assert_eq!(
-                        read(b.as_ref(), off, len as usize),
-                        data,
-                        "concurrent read back"
-                    );
+                    assert_eq!(read(b.as_ref(), off, len as usize), data, "concurrent read back");
                     off += len;
                     i += 1;
                 }

@@ -28,10 +28,7 @@ impl Geometry {
     /// `InvalidInput` when `chunk_size` is zero.
     pub fn new(size: u64, chunk_size: u64) -> io::Result<Self> {
         if chunk_size == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the chunk size must not be zero",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the chunk size must not be zero"));
         }
         Ok(Self { size, chunk_size })
     }
@@ -92,8 +89,7 @@ impl Geometry {
     #[must_use]
     pub fn is_aligned(&self, off: u64, len: u64) -> bool {
         let end = off + len;
-        off.is_multiple_of(self.chunk_size)
-            && (end.is_multiple_of(self.chunk_size) || end == self.size)
+        off.is_multiple_of(self.chunk_size) && (end.is_multiple_of(self.chunk_size) || end == self.size)
     }
 
     /// Splits `off..off + len` at chunk boundaries, yielding `(chunk, offset in chunk, range in buffer)`.
@@ -111,11 +107,7 @@ impl Geometry {
             let buf_start = usize::try_from(pos - off).expect("buffer offsets fit in usize");
             let buf_end = buf_start + usize::try_from(take).expect("buffer offsets fit in usize");
             pos += take;
-            Some(Piece {
-                chunk: Chunk(chunk),
-                within,
-                buf: buf_start..buf_end,
-            })
+            Some(Piece { chunk: Chunk(chunk), within, buf: buf_start..buf_end })
         })
     }
 }
@@ -161,21 +153,9 @@ mod tests {
         assert_eq!(
             pieces,
             vec![
-                Piece {
-                    chunk: Chunk(0),
-                    within: 5,
-                    buf: 0..5
-                },
-                Piece {
-                    chunk: Chunk(1),
-                    within: 0,
-                    buf: 5..15
-                },
-                Piece {
-                    chunk: Chunk(2),
-                    within: 0,
-                    buf: 15..20
-                },
+                Piece { chunk: Chunk(0), within: 5, buf: 0..5 },
+                Piece { chunk: Chunk(1), within: 0, buf: 5..15 },
+                Piece { chunk: Chunk(2), within: 0, buf: 15..20 },
             ]
         );
         assert_eq!(g.chunks_touched(5, 20), 0..3);

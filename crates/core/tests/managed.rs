@@ -36,11 +36,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Offset and clipped length of an op in a resource of `size` bytes.
 fn place(size: usize, at: f64, len: usize) -> (usize, usize) {
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
     let off = ((size as f64) * at) as usize;
     let off = off.min(size);
     (off, len.min(size - off))
@@ -65,11 +61,7 @@ fn stack(
     let delayed = Delay::new(remote.clone(), Duration::from_micros(latency_us));
     let faulty = FaultInject::new(delayed, fault.unwrap_or_default());
     let local = Arc::new(Memory::with_page_size(remote.size(), 4096).unwrap());
-    let opts = SyncedOptions {
-        chunk_size,
-        max_request: chunk_size * request_chunks,
-        on_chunk_local: None,
-    };
+    let opts = SyncedOptions { chunk_size, max_request: chunk_size * request_chunks, on_chunk_local: None };
     let synced = Arc::new(Synced::new(Arc::new(faulty), local, opts).unwrap());
     let puller = Puller::start(
         Arc::clone(&synced),
@@ -92,12 +84,7 @@ fn stack(
         },
     )
     .unwrap();
-    Stack {
-        remote,
-        synced,
-        puller,
-        pusher,
-    }
+    Stack { remote, synced, puller, pusher }
 }
 
 fn contents(b: &dyn Backend) -> Vec<u8> {
@@ -235,12 +222,6 @@ fn writes_racing_pushes_are_never_lost() {
         }
     });
     s.pusher.flush().unwrap();
-    assert!(
-        s.pusher.progress().cycles > 1,
-        "the pusher should have run during the writes"
-    );
-    assert!(
-        contents(&*s.remote) == last,
-        "a write racing a push was lost"
-    );
+    assert!(s.pusher.progress().cycles > 1, "the pusher should have run during the writes");
+    assert!(contents(&*s.remote) == last, "a write racing a push was lost");
 }

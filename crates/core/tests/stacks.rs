@@ -8,9 +8,7 @@ use r3map_core::conformance;
 use r3map_core::layers::fault::FaultConfig;
 use r3map_core::pipeline::pusher::PusherOptions;
 use r3map_core::pipeline::synced::SyncedOptions;
-use r3map_core::{
-    Aligned, Chunked, Delay, Dir, FaultInject, File, Locked, Memory, Pusher, Synced, Tracked,
-};
+use r3map_core::{Aligned, Chunked, Delay, Dir, FaultInject, File, Locked, Memory, Pusher, Synced, Tracked};
 
 const CS: u64 = 64 * 1024;
 
@@ -23,17 +21,11 @@ fn chunk_dir(dir: &tempfile::TempDir, name: &str, size: u64) -> Dir {
 }
 
 fn synced_opts() -> SyncedOptions {
-    SyncedOptions {
-        chunk_size: CS,
-        ..SyncedOptions::default()
-    }
+    SyncedOptions { chunk_size: CS, ..SyncedOptions::default() }
 }
 
 fn manual_push() -> PusherOptions {
-    PusherOptions {
-        interval: Duration::from_secs(3600),
-        ..PusherOptions::default()
-    }
+    PusherOptions { interval: Duration::from_secs(3600), ..PusherOptions::default() }
 }
 
 #[test]
@@ -94,11 +86,7 @@ fn managed_stack_over_a_chunk_store_with_a_file_cache() {
     conformance::run(&|size| {
         let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let remote: SharedBackend = Arc::new(
-            Aligned::new(
-                Chunked::new(chunk_dir(&dir, &format!("r{i}"), size), CS).unwrap(),
-                CS,
-            )
-            .unwrap(),
+            Aligned::new(Chunked::new(chunk_dir(&dir, &format!("r{i}"), size), CS).unwrap(), CS).unwrap(),
         );
         let local: SharedBackend = Arc::new(file(&dir, &format!("l{i}"), size));
         let synced = Arc::new(Synced::new(remote, local, synced_opts()).unwrap());
@@ -112,9 +100,8 @@ fn migration_destination_shape() {
     conformance::run(&|size| {
         let seeder = Tracked::new(Memory::new(size), CS).unwrap();
         seeder.track();
-        let synced: SharedBackend = Arc::new(
-            Synced::new(Arc::new(seeder), Arc::new(Memory::new(size)), synced_opts()).unwrap(),
-        );
+        let synced: SharedBackend =
+            Arc::new(Synced::new(Arc::new(seeder), Arc::new(Memory::new(size)), synced_opts()).unwrap());
         let locked = Locked::new(synced, true);
         locked.unlock();
         Arc::new(locked)

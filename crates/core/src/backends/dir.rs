@@ -77,12 +77,7 @@ impl Cache {
     /// Caches `file` for `chunk` (unless another caller already did: theirs is returned) and
     /// evicts the least recently used files beyond `max`. The evicted files are returned so the
     /// caller can drop (close) them after releasing the lock.
-    fn insert(
-        &mut self,
-        chunk: u64,
-        file: Arc<fs::File>,
-        max: usize,
-    ) -> (Arc<fs::File>, Vec<Arc<fs::File>>) {
+    fn insert(&mut self, chunk: u64, file: Arc<fs::File>, max: usize) -> (Arc<fs::File>, Vec<Arc<fs::File>>) {
         if let Some(existing) = self.get(chunk) {
             return (existing, vec![file]);
         }
@@ -127,18 +122,10 @@ impl Dir {
     ) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         let geometry = Geometry::new(size, chunk_size)?;
-        fs::create_dir_all(&path).map_err(|e| {
-            annotate(
-                &e,
-                &format!("cannot create the chunk directory {}", path.display()),
-            )
-        })?;
-        let dir = fs::File::open(&path).map_err(|e| {
-            annotate(
-                &e,
-                &format!("cannot open the chunk directory {}", path.display()),
-            )
-        })?;
+        fs::create_dir_all(&path)
+            .map_err(|e| annotate(&e, &format!("cannot create the chunk directory {}", path.display())))?;
+        let dir = fs::File::open(&path)
+            .map_err(|e| annotate(&e, &format!("cannot open the chunk directory {}", path.display())))?;
         Ok(Self {
             path,
             dir,
@@ -231,10 +218,7 @@ impl Dir {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
-                return Err(annotate(
-                    &e,
-                    &format!("cannot open chunk file {}", path.display()),
-                ));
+                return Err(annotate(&e, &format!("cannot open chunk file {}", path.display())));
             }
         };
         let len = file
@@ -248,20 +232,16 @@ impl Dir {
     /// Creates the file of `chunk`, sized to the chunk (sparse); `None` when it already exists.
     fn create_chunk(&self, chunk: Chunk) -> io::Result<Option<fs::File>> {
         let path = self.chunk_path(chunk);
-        let tmp = self
-            .path
-            .join(format!(".{}.{:016x}.tmp", chunk.0, fastrand::u64(..)));
-        let fail =
-            |e: &io::Error| annotate(e, &format!("cannot create chunk file {}", path.display()));
+        let tmp = self.path.join(format!(".{}.{:016x}.tmp", chunk.0, fastrand::u64(..)));
+        let fail = |e: &io::Error| annotate(e, &format!("cannot create chunk file {}", path.display()));
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&tmp)
             .map_err(|e| fail(&e))?;
-        let placed = file
-            .set_len(self.geometry.chunk_len(chunk))
-            .and_then(|()| rename_no_replace(&tmp, &path));
+        let placed =
+            file.set_len(self.geometry.chunk_len(chunk)).and_then(|()| rename_no_replace(&tmp, &path));
         match placed {
             Ok(()) => {
                 self.lock_pending().dir = true;
@@ -270,11 +250,7 @@ impl Dir {
             Err(e) => {
                 // Best effort: a leftover temporary file is ignored by the backend.
                 let _ = fs::remove_file(&tmp);
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    Ok(None)
-                } else {
-                    Err(fail(&e))
-                }
+                if e.kind() == io::ErrorKind::AlreadyExists { Ok(None) } else { Err(fail(&e)) }
             }
         }
     }
@@ -283,8 +259,7 @@ impl Dir {
     /// length is not ours to delete: `InvalidData`.
     fn delete_chunk(&self, chunk: Chunk) -> io::Result<()> {
         let path = self.chunk_path(chunk);
-        let fail =
-            |e: &io::Error| annotate(e, &format!("cannot delete chunk file {}", path.display()));
+        let fail = |e: &io::Error| annotate(e, &format!("cannot delete chunk file {}", path.display()));
         let exists = match fs::metadata(&path) {
             Ok(meta) => {
                 self.check_len(chunk, &path, meta.len())?;
@@ -341,13 +316,7 @@ impl Dir {
     }
 
     fn chunk_error(&self, e: &io::Error, verb: &str, chunk: Chunk) -> io::Error {
-        annotate(
-            e,
-            &format!(
-                "cannot {verb} chunk file {}",
-                self.chunk_path(chunk).display()
-            ),
-        )
+        annotate(e, &format!("cannot {verb} chunk file {}", self.chunk_path(chunk).display()))
     }
 
     /// Whether `chunk` has a file.
@@ -359,10 +328,7 @@ impl Dir {
         match fs::symlink_metadata(&path) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(annotate(
-                &e,
-                &format!("cannot inspect chunk file {}", path.display()),
-            )),
+            Err(e) => Err(annotate(&e, &format!("cannot inspect chunk file {}", path.display()))),
         }
     }
 
@@ -377,12 +343,8 @@ impl Dir {
             }
             return Ok(present);
         }
-        let fail = |e: &io::Error| {
-            annotate(
-                e,
-                &format!("cannot list the chunk directory {}", self.path.display()),
-            )
-        };
+        let fail =
+            |e: &io::Error| annotate(e, &format!("cannot list the chunk directory {}", self.path.display()));
         let mut present = Vec::new();
         for entry in fs::read_dir(&self.path).map_err(|e| fail(&e))? {
             let entry = entry.map_err(|e| fail(&e))?;
@@ -404,9 +366,7 @@ impl Dir {
     /// Syncs the file of `chunk` to disk, if it still has one.
     fn sync_chunk(&self, chunk: Chunk) -> io::Result<()> {
         match self.lookup(chunk, false)? {
-            Some(file) => file
-                .sync_data()
-                .map_err(|e| self.chunk_error(&e, "flush", chunk)),
+            Some(file) => file.sync_data().map_err(|e| self.chunk_error(&e, "flush", chunk)),
             // Trimmed away since it was written.
             None => Ok(()),
         }
@@ -446,9 +406,9 @@ impl Backend for Dir {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         check_range(off, len64(buf), self.size())?;
         for piece in self.geometry.split(off, len64(buf)) {
-            let file = self.lookup(piece.chunk, true)?.ok_or_else(|| {
-                io::Error::other(format!("{} has no file after creating it", piece.chunk))
-            })?;
+            let file = self
+                .lookup(piece.chunk, true)?
+                .ok_or_else(|| io::Error::other(format!("{} has no file after creating it", piece.chunk)))?;
             file.write_all_at(&buf[piece.buf], piece.within)
                 .map_err(|e| self.chunk_error(&e, "write", piece.chunk))?;
             self.lock_pending().chunks.insert(piece.chunk.0);
@@ -460,10 +420,7 @@ impl Backend for Dir {
         let _flushing = self.flushing.lock().expect("dir flush lock");
         let (chunks, dir) = {
             let mut pending = self.lock_pending();
-            (
-                std::mem::take(&mut pending.chunks),
-                std::mem::take(&mut pending.dir),
-            )
+            (std::mem::take(&mut pending.chunks), std::mem::take(&mut pending.dir))
         };
         let mut failed = Vec::new();
         let mut first_error = None;
@@ -494,12 +451,7 @@ impl Backend for Dir {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            trim: true,
-            write_zeroes: true,
-            extents: true,
-            read_only: false,
-        }
+        Capabilities { trim: true, write_zeroes: true, extents: true, read_only: false }
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
@@ -561,10 +513,8 @@ mod tests {
     const CHUNK: u64 = 64 * 1024;
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
         names
     }
@@ -574,9 +524,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let n = AtomicU64::new(0);
         conformance::run(&|size| -> SharedBackend {
-            let path = root
-                .path()
-                .join(format!("d{}", n.fetch_add(1, Ordering::Relaxed)));
+            let path = root.path().join(format!("d{}", n.fetch_add(1, Ordering::Relaxed)));
             Arc::new(Dir::open(path, size, CHUNK, 8).unwrap())
         });
     }
@@ -586,9 +534,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let n = AtomicU64::new(0);
         conformance::run(&|size| -> SharedBackend {
-            let path = root
-                .path()
-                .join(format!("d{}", n.fetch_add(1, Ordering::Relaxed)));
+            let path = root.path().join(format!("d{}", n.fetch_add(1, Ordering::Relaxed)));
             Arc::new(Dir::open(path, size, 100_000, 0).unwrap())
         });
     }
@@ -604,13 +550,7 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         assert!(names(&path).is_empty());
         assert_eq!(d.open_files(), 0);
-        assert_eq!(
-            d.extents(0, size).unwrap(),
-            vec![Extent {
-                len: size,
-                hole: true
-            }]
-        );
+        assert_eq!(d.extents(0, size).unwrap(), vec![Extent { len: size, hole: true }]);
 
         d.write_at(b"xy", 3 * CHUNK + 10).unwrap();
         d.write_at(b"tail", size - 4).unwrap();
@@ -625,32 +565,14 @@ mod tests {
         assert_eq!(
             d.extents(0, size).unwrap(),
             vec![
-                Extent {
-                    len: 3 * CHUNK,
-                    hole: true
-                },
-                Extent {
-                    len: CHUNK,
-                    hole: false
-                },
-                Extent {
-                    len: 6 * CHUNK,
-                    hole: true
-                },
-                Extent {
-                    len: 100,
-                    hole: false
-                },
+                Extent { len: 3 * CHUNK, hole: true },
+                Extent { len: CHUNK, hole: false },
+                Extent { len: 6 * CHUNK, hole: true },
+                Extent { len: 100, hole: false },
             ]
         );
         // A partial range inside the data chunk, and the same via the directory listing.
-        assert_eq!(
-            d.extents(3 * CHUNK + 5, 10).unwrap(),
-            vec![Extent {
-                len: 10,
-                hole: false
-            }]
-        );
+        assert_eq!(d.extents(3 * CHUNK + 5, 10).unwrap(), vec![Extent { len: 10, hole: false }]);
         d.flush().unwrap();
         assert!(d.lock_pending().chunks.is_empty());
         assert!(!d.lock_pending().dir);
@@ -678,23 +600,11 @@ mod tests {
         let data = |len| Extent { len, hole: false };
         assert_eq!(
             d.extents(0, size).unwrap(),
-            vec![
-                data(2 * 4096),
-                hole(498 * 4096),
-                data(4096),
-                hole(498 * 4096),
-                data(4096)
-            ]
+            vec![data(2 * 4096), hole(498 * 4096), data(4096), hole(498 * 4096), data(4096)]
         );
         assert_eq!(
             d.extents(100, size - 200).unwrap(),
-            vec![
-                data(2 * 4096 - 100),
-                hole(498 * 4096),
-                data(4096),
-                hole(498 * 4096),
-                data(4096 - 100)
-            ]
+            vec![data(2 * 4096 - 100), hole(498 * 4096), data(4096), hole(498 * 4096), data(4096 - 100)]
         );
     }
 
@@ -710,11 +620,7 @@ mod tests {
         assert!(err.to_string().contains(&*bad.to_string_lossy()), "{err}");
         let err = d.write_at(&buf, 2 * CHUNK + 1).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert_eq!(
-            fs::read(&bad).unwrap(),
-            b"hello",
-            "never truncated or padded"
-        );
+        assert_eq!(fs::read(&bad).unwrap(), b"hello", "never truncated or padded");
         // Other chunks still work.
         d.write_at(&buf, CHUNK).unwrap();
         d.read_at(&mut buf, CHUNK).unwrap();
@@ -754,8 +660,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let size = 4 * CHUNK;
         let d = Dir::open(root.path(), size, CHUNK, 8).unwrap();
-        d.write_at(&vec![9u8; usize::try_from(size).unwrap()], 0)
-            .unwrap();
+        d.write_at(&vec![9u8; usize::try_from(size).unwrap()], 0).unwrap();
         assert_eq!(d.open_files(), 4);
         // Chunk 1 whole, chunk 2 in part.
         d.trim(CHUNK, CHUNK + 100).unwrap();
@@ -763,16 +668,8 @@ mod tests {
         assert_eq!(d.open_files(), 3);
         let mut buf = vec![1u8; usize::try_from(CHUNK + 200).unwrap()];
         d.read_at(&mut buf, CHUNK).unwrap();
-        assert!(
-            buf[..usize::try_from(CHUNK + 100).unwrap()]
-                .iter()
-                .all(|&b| b == 0)
-        );
-        assert!(
-            buf[usize::try_from(CHUNK + 100).unwrap()..]
-                .iter()
-                .all(|&b| b == 9)
-        );
+        assert!(buf[..usize::try_from(CHUNK + 100).unwrap()].iter().all(|&b| b == 0));
+        assert!(buf[usize::try_from(CHUNK + 100).unwrap()..].iter().all(|&b| b == 9));
         // Writing the trimmed chunk again creates a fresh file, not the deleted one.
         d.write_at(b"back", CHUNK + 1).unwrap();
         let mut four = [0u8; 4];
@@ -796,10 +693,7 @@ mod tests {
         fs::write(root.path().join("0"), b"short").unwrap();
         let err = d.flush().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert_eq!(
-            d.lock_pending().chunks.iter().copied().collect::<Vec<_>>(),
-            vec![0]
-        );
+        assert_eq!(d.lock_pending().chunks.iter().copied().collect::<Vec<_>>(), vec![0]);
         fs::remove_file(root.path().join("0")).unwrap();
         d.flush().unwrap();
         assert!(d.lock_pending().chunks.is_empty());
@@ -812,17 +706,10 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         for path in [file.join("chunks"), file.clone()] {
             let err = Dir::open(&path, 100, 10, 4).unwrap_err();
-            assert!(
-                err.to_string()
-                    .contains("cannot create the chunk directory"),
-                "{err}"
-            );
+            assert!(err.to_string().contains("cannot create the chunk directory"), "{err}");
             assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         }
-        assert_eq!(
-            Dir::open(root.path(), 100, 0, 4).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(Dir::open(root.path(), 100, 0, 4).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -72,10 +72,7 @@ impl File {
             .open(path)
             .map_err(|e| annotate(&e, &format!("cannot create {}", path.display())))?;
         file.set_len(size).map_err(|e| {
-            annotate(
-                &e,
-                &format!("cannot set the size of {} to {size} bytes", path.display()),
-            )
+            annotate(&e, &format!("cannot set the size of {} to {size} bytes", path.display()))
         })?;
         Self::new(file, path.display().to_string(), false)
     }
@@ -117,9 +114,7 @@ impl File {
     }
 
     fn new(file: fs::File, name: String, read_only: bool) -> io::Result<Self> {
-        let meta = file
-            .metadata()
-            .map_err(|e| annotate(&e, &format!("cannot inspect {name}")))?;
+        let meta = file.metadata().map_err(|e| annotate(&e, &format!("cannot inspect {name}")))?;
         let kind = meta.file_type();
         let (size, block_size) = if kind.is_file() {
             (meta.len(), None)
@@ -127,12 +122,8 @@ impl File {
             let size = (&file)
                 .seek(io::SeekFrom::End(0))
                 .map_err(|e| annotate(&e, &format!("cannot find the size of {name}")))?;
-            let block = rustix::fs::ioctl_blksszget(&file).map_err(|e| {
-                annotate(
-                    &e.into(),
-                    &format!("cannot find the logical block size of {name}"),
-                )
-            })?;
+            let block = rustix::fs::ioctl_blksszget(&file)
+                .map_err(|e| annotate(&e.into(), &format!("cannot find the logical block size of {name}")))?;
             (size, Some(u64::from(block.max(1))))
         } else {
             return Err(io::Error::new(
@@ -140,13 +131,7 @@ impl File {
                 format!("{name} is neither a regular file nor a block device"),
             ));
         };
-        Ok(Self {
-            file,
-            name,
-            size,
-            read_only,
-            block_size,
-        })
+        Ok(Self { file, name, size, read_only, block_size })
     }
 
     fn check_writable(&self, verb: &str) -> io::Result<()> {
@@ -191,10 +176,7 @@ impl File {
             Ok(at) => Ok(Found::At(at)),
             Err(Errno::NXIO) => Ok(Found::Beyond),
             Err(Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS) => Ok(Found::Unknown),
-            Err(e) => Err(annotate(
-                &e.into(),
-                &format!("cannot list the holes of {}", self.name),
-            )),
+            Err(e) => Err(annotate(&e.into(), &format!("cannot list the holes of {}", self.name))),
         }
     }
 }
@@ -217,14 +199,7 @@ impl Backend for File {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         check_range(off, len64(buf), self.size)?;
         self.file.read_exact_at(buf, off).map_err(|e| {
-            annotate(
-                &e,
-                &format!(
-                    "cannot read {} bytes at offset {off} of {}",
-                    buf.len(),
-                    self.name
-                ),
-            )
+            annotate(&e, &format!("cannot read {} bytes at offset {off} of {}", buf.len(), self.name))
         })
     }
 
@@ -232,21 +207,12 @@ impl Backend for File {
         check_range(off, len64(buf), self.size)?;
         self.check_writable("write to")?;
         self.file.write_all_at(buf, off).map_err(|e| {
-            annotate(
-                &e,
-                &format!(
-                    "cannot write {} bytes at offset {off} of {}",
-                    buf.len(),
-                    self.name
-                ),
-            )
+            annotate(&e, &format!("cannot write {} bytes at offset {off} of {}", buf.len(), self.name))
         })
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| annotate(&e, &format!("cannot flush {} to disk", self.name)))
+        self.file.sync_data().map_err(|e| annotate(&e, &format!("cannot flush {} to disk", self.name)))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -286,21 +252,13 @@ impl Backend for File {
         if self.read_only {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!(
-                    "cannot write zeroes to {}: it was opened read-only",
-                    self.name
-                ),
+                format!("cannot write zeroes to {}: it was opened read-only", self.name),
             ));
         }
         if len == 0 {
             return Ok(());
         }
-        let msg = || {
-            format!(
-                "cannot write {len} zero bytes at offset {off} of {}",
-                self.name
-            )
-        };
+        let msg = || format!("cannot write {len} zero bytes at offset {off} of {}", self.name);
         let zero = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
         let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         let zeroed = || -> io::Result<()> {
@@ -395,9 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicU64::new(0);
         conformance::run(&|size| -> SharedBackend {
-            let path = dir
-                .path()
-                .join(format!("f{}", n.fetch_add(1, Ordering::Relaxed)));
+            let path = dir.path().join(format!("f{}", n.fetch_add(1, Ordering::Relaxed)));
             Arc::new(File::create(path, size).unwrap())
         });
     }
@@ -410,13 +366,7 @@ mod tests {
         assert_eq!(f.size(), GIB);
         assert!(!f.is_block_device());
         assert!(blocks(&path) <= 16, "{} blocks", blocks(&path));
-        assert_eq!(
-            f.extents(0, GIB).unwrap(),
-            vec![Extent {
-                len: GIB,
-                hole: true
-            }]
-        );
+        assert_eq!(f.extents(0, GIB).unwrap(), vec![Extent { len: GIB, hole: true }]);
         let caps = f.capabilities();
         assert!(caps.trim && caps.write_zeroes && caps.extents && !caps.read_only);
 
@@ -429,25 +379,10 @@ mod tests {
         assert!(extents[0].len <= 1 << 20);
         assert!(extents[0].len + extents[1].len >= (1 << 20) + 4096);
         // A range inside the data, and one inside the trailing hole.
-        assert_eq!(
-            f.extents((1 << 20) + 100, 10).unwrap(),
-            vec![Extent {
-                len: 10,
-                hole: false
-            }]
-        );
-        assert_eq!(
-            f.extents(GIB - 10, 10).unwrap(),
-            vec![Extent {
-                len: 10,
-                hole: true
-            }]
-        );
+        assert_eq!(f.extents((1 << 20) + 100, 10).unwrap(), vec![Extent { len: 10, hole: false }]);
+        assert_eq!(f.extents(GIB - 10, 10).unwrap(), vec![Extent { len: 10, hole: true }]);
         assert_eq!(f.extents(GIB, 0).unwrap(), vec![]);
-        assert_eq!(
-            f.extents(GIB, 1).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(f.extents(GIB, 1).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
@@ -466,17 +401,8 @@ mod tests {
         let mut buf = vec![1u8; 4 << 20];
         f.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
-        assert_eq!(
-            f.extents(0, 8 << 20).unwrap(),
-            vec![Extent {
-                len: 8 << 20,
-                hole: true
-            }]
-        );
-        assert_eq!(
-            f.trim(8 << 20, 1).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(f.extents(0, 8 << 20).unwrap(), vec![Extent { len: 8 << 20, hole: true }]);
+        assert_eq!(f.trim(8 << 20, 1).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
@@ -513,34 +439,22 @@ mod tests {
         assert!(err.to_string().contains("read-only"), "{err}");
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
         assert_eq!(f.trim(0, 1).unwrap_err().kind(), io::ErrorKind::Unsupported);
-        assert_eq!(
-            f.write_zeroes(0, 1).unwrap_err().kind(),
-            io::ErrorKind::Unsupported
-        );
+        assert_eq!(f.write_zeroes(0, 1).unwrap_err().kind(), io::ErrorKind::Unsupported);
         f.flush().unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"hello world");
 
         let std_file = fs::File::open(&path).unwrap();
         let f = File::from_std(std_file, true).unwrap();
-        assert_eq!(
-            f.write_at(b"x", 0).unwrap_err().kind(),
-            io::ErrorKind::PermissionDenied
-        );
+        assert_eq!(f.write_at(b"x", 0).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
     }
 
     #[test]
     fn open_reports_the_path_and_keeps_the_kind() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing");
-        for err in [
-            File::open(&missing).unwrap_err(),
-            File::open_read_only(&missing).unwrap_err(),
-        ] {
+        for err in [File::open(&missing).unwrap_err(), File::open_read_only(&missing).unwrap_err()] {
             assert_eq!(err.kind(), io::ErrorKind::NotFound);
-            assert!(
-                err.to_string().contains(&*missing.to_string_lossy()),
-                "{err}"
-            );
+            assert!(err.to_string().contains(&*missing.to_string_lossy()), "{err}");
         }
         let err = File::open_read_only(dir.path()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
@@ -554,24 +468,14 @@ mod tests {
     fn open_existing_file_keeps_data_and_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        File::create(&path, 10_000)
-            .unwrap()
-            .write_at(b"abc", 9_997)
-            .unwrap();
+        File::create(&path, 10_000).unwrap().write_at(b"abc", 9_997).unwrap();
         let f = File::open(&path).unwrap();
         assert_eq!(f.size(), 10_000);
         let mut buf = [0u8; 3];
         f.read_at(&mut buf, 9_997).unwrap();
         assert_eq!(&buf, b"abc");
-        let f = File::from_std(
-            fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap(),
-            false,
-        )
-        .unwrap();
+        let f = File::from_std(fs::OpenOptions::new().read(true).write(true).open(&path).unwrap(), false)
+            .unwrap();
         f.write_at(b"xyz", 0).unwrap();
         assert_eq!(&fs::read(&path).unwrap()[..3], b"xyz");
         let appending = fs::OpenOptions::new().append(true).open(&path).unwrap();
@@ -593,10 +497,7 @@ mod tests {
                 .output()
                 .map_err(|e| format!("cannot run losetup: {e}"))?;
             if !out.status.success() {
-                return Err(format!(
-                    "losetup failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
+                return Err(format!("losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
             }
             let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             Ok(Self { dev: dev.into() })
@@ -614,10 +515,7 @@ mod tests {
 
     fn is_root() -> bool {
         fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2))
-                == Some("0")
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)) == Some("0")
         })
     }
 
@@ -644,9 +542,7 @@ mod tests {
         assert_eq!(f.size(), size);
 
         let mut model = vec![0u8; to_usize(size)];
-        let data: Vec<u8> = (0..3usize << 20)
-            .map(|i| u8::try_from(i % 251 + 1).unwrap())
-            .collect();
+        let data: Vec<u8> = (0..3usize << 20).map(|i| u8::try_from(i % 251 + 1).unwrap()).collect();
         f.write_at(&data, 12_345).unwrap();
         model[12_345..12_345 + data.len()].copy_from_slice(&data);
         f.flush().unwrap();
@@ -664,16 +560,10 @@ mod tests {
 
         let extents = f.extents(0, size).unwrap();
         assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), size);
-        assert_eq!(
-            f.write_at(b"x", size).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
+        assert_eq!(f.write_at(b"x", size).unwrap_err().kind(), io::ErrorKind::InvalidInput);
 
         let ro = File::open_read_only(&lo.dev).unwrap();
         assert_eq!(ro.size(), size);
-        assert_eq!(
-            ro.write_at(b"x", 0).unwrap_err().kind(),
-            io::ErrorKind::PermissionDenied
-        );
+        assert_eq!(ro.write_at(b"x", 0).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
     }
 }

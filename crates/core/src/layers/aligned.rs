@@ -64,11 +64,7 @@ impl<B: Backend> Aligned<B> {
     /// `InvalidInput` when `chunk_size` is zero.
     pub fn new(inner: B, chunk_size: u64) -> io::Result<Self> {
         let geometry = Geometry::new(inner.size(), chunk_size)?;
-        Ok(Self {
-            inner,
-            geometry,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-        })
+        Ok(Self { inner, geometry, stripes: (0..STRIPES).map(|_| RwLock::new(())).collect() })
     }
 
     /// Cuts `off..off + len` (in range, `len > 0`) into partial edges and a whole-chunk middle.
@@ -76,16 +72,8 @@ impl<B: Backend> Aligned<B> {
         let cs = self.geometry.chunk_size();
         let end = off + len;
         let mid_start = off.checked_next_multiple_of(cs).unwrap_or(end).min(end);
-        let mid_end = if end == self.geometry.size() {
-            end
-        } else {
-            (end / cs * cs).max(mid_start)
-        };
-        Parts {
-            head: off..mid_start,
-            mid: mid_start..mid_end,
-            tail: mid_end..end,
-        }
+        let mid_end = if end == self.geometry.size() { end } else { (end / cs * cs).max(mid_start) };
+        Parts { head: off..mid_start, mid: mid_start..mid_end, tail: mid_end..end }
     }
 
     fn stripe(&self, chunk: Chunk) -> &RwLock<()> {
@@ -94,9 +82,7 @@ impl<B: Backend> Aligned<B> {
 
     /// Shared guards on the stripes of every chunk in `range`, taken in ascending stripe order.
     fn shared(&self, range: &Range<u64>) -> Vec<RwLockReadGuard<'_, ()>> {
-        let chunks = self
-            .geometry
-            .chunks_touched(range.start, range.end - range.start);
+        let chunks = self.geometry.chunks_touched(range.start, range.end - range.start);
         let n = chunks.end - chunks.start;
         // Stripes are chunk indices modulo STRIPES: a run of chunks is a run of stripes that may
         // wrap around, taken as its low part then its high part.
@@ -110,13 +96,7 @@ impl<B: Backend> Aligned<B> {
                 (0..first + n - STRIPES, first..STRIPES)
             }
         };
-        low.chain(high)
-            .map(|s| {
-                self.stripes[to_usize(s)]
-                    .read()
-                    .expect("aligned stripe lock")
-            })
-            .collect()
+        low.chain(high).map(|s| self.stripes[to_usize(s)].read().expect("aligned stripe lock")).collect()
     }
 
     /// Reads the whole of `chunk` into `scratch` and returns it.
@@ -139,12 +119,7 @@ impl<B: Backend> Aligned<B> {
 
     /// Read-modify-write of the partial chunk range `range`: copies `src` in, or zeroes the range
     /// when `src` is `None`.
-    fn patch(
-        &self,
-        range: &Range<u64>,
-        src: Option<&[u8]>,
-        scratch: &mut Vec<u8>,
-    ) -> io::Result<()> {
+    fn patch(&self, range: &Range<u64>, src: Option<&[u8]>, scratch: &mut Vec<u8>) -> io::Result<()> {
         let chunk = self.geometry.chunk_of(range.start);
         let start = self.geometry.offset_of(chunk);
         let within = to_usize(range.start - start);
@@ -161,12 +136,7 @@ impl<B: Backend> Aligned<B> {
 
     /// Zeroes `off..off + len`: the whole-chunk middle with `whole` (the inner backend's trim or
     /// write_zeroes), partial edges by read-modify-write.
-    fn zero(
-        &self,
-        off: u64,
-        len: u64,
-        whole: fn(&B, u64, u64) -> io::Result<()>,
-    ) -> io::Result<()> {
+    fn zero(&self, off: u64, len: u64, whole: fn(&B, u64, u64) -> io::Result<()>) -> io::Result<()> {
         check_range(off, len, self.size())?;
         if len == 0 {
             return Ok(());
@@ -304,10 +274,7 @@ impl<B: Backend> Backend for Aligned<B> {
         let cs = self.geometry.chunk_size();
         let end = off + len;
         let wide_start = off / cs * cs;
-        let wide_end = end
-            .checked_next_multiple_of(cs)
-            .unwrap_or(self.size())
-            .min(self.size());
+        let wide_end = end.checked_next_multiple_of(cs).unwrap_or(self.size()).min(self.size());
         let wide = self.inner.extents(wide_start, wide_end - wide_start)?;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = wide_start;
@@ -320,10 +287,7 @@ impl<B: Backend> Backend for Aligned<B> {
             }
             match out.last_mut() {
                 Some(last) if last.hole == e.hole => last.len += stop - start,
-                _ => out.push(Extent {
-                    len: stop - start,
-                    hole: e.hole,
-                }),
+                _ => out.push(Extent { len: stop - start, hole: e.hole }),
             }
         }
         let covered: u64 = out.iter().map(|e| e.len).sum();
@@ -363,10 +327,7 @@ mod tests {
 
     impl Counting {
         fn new(size: u64) -> Self {
-            Self {
-                inner: Memory::with_page_size(size, 4096).unwrap(),
-                log: Mutex::new(Vec::new()),
-            }
+            Self { inner: Memory::with_page_size(size, 4096).unwrap(), log: Mutex::new(Vec::new()) }
         }
         fn take(&self) -> Vec<(Op, u64, u64)> {
             std::mem::take(&mut *self.log.lock().unwrap())
@@ -516,27 +477,12 @@ mod tests {
         assert_eq!(
             a.extents(100, 10_000).unwrap(),
             vec![
-                Extent {
-                    len: 3996,
-                    hole: true
-                },
-                Extent {
-                    len: 4096,
-                    hole: false
-                },
-                Extent {
-                    len: 10_100 - 8192,
-                    hole: true
-                },
+                Extent { len: 3996, hole: true },
+                Extent { len: 4096, hole: false },
+                Extent { len: 10_100 - 8192, hole: true },
             ]
         );
-        assert_eq!(
-            a.extents(5000, 10).unwrap(),
-            vec![Extent {
-                len: 10,
-                hole: false
-            }]
-        );
+        assert_eq!(a.extents(5000, 10).unwrap(), vec![Extent { len: 10, hole: false }]);
         assert_eq!(a.extents(5000, 0).unwrap(), vec![]);
     }
 
@@ -561,11 +507,9 @@ mod tests {
         let a = Aligned::new(Plain(Memory::new(8192)), 4096).unwrap();
         a.write_at(&[1u8; 20], 10).unwrap();
         assert_eq!(a.capabilities(), Capabilities::default());
-        for err in [
-            a.trim(0, 100).unwrap_err(),
-            a.write_zeroes(0, 100).unwrap_err(),
-            a.extents(0, 100).unwrap_err(),
-        ] {
+        for err in
+            [a.trim(0, 100).unwrap_err(), a.write_zeroes(0, 100).unwrap_err(), a.extents(0, 100).unwrap_err()]
+        {
             assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
         }
         let mut back = [0u8; 20];
@@ -604,10 +548,7 @@ mod tests {
         for t in 0..THREADS {
             let last = u8::try_from((t * 7 + ROUNDS - 1) % 251).unwrap() + 1;
             let slot = &chunk[to_usize(t * 100)..to_usize(t * 100 + 100)];
-            assert!(
-                slot.iter().all(|&b| b == last),
-                "slot {t} lost its last update: {slot:?}"
-            );
+            assert!(slot.iter().all(|&b| b == last), "slot {t} lost its last update: {slot:?}");
         }
         assert!(chunk[to_usize(THREADS * 100)..].iter().all(|&b| b == 0));
     }
@@ -632,11 +573,7 @@ mod tests {
                 // unless a read-modify-write of the slot wrote stale bytes back.
                 if let Some(i) = chunk[100..].iter().position(|&b| b != v) {
                     done.store(true, Ordering::SeqCst);
-                    panic!(
-                        "round {round}: byte {} reads {} after writing {v}",
-                        i + 100,
-                        chunk[i + 100]
-                    );
+                    panic!("round {round}: byte {} reads {} after writing {v}", i + 100, chunk[i + 100]);
                 }
             }
             done.store(true, Ordering::SeqCst);

@@ -37,11 +37,7 @@ impl<B: Backend> Chunked<B> {
     /// # Errors
     /// `InvalidInput` when `chunk_size` is zero.
     pub fn new(inner: B, chunk_size: u64) -> io::Result<Self> {
-        Ok(Self {
-            geometry: Geometry::new(inner.size(), chunk_size)?,
-            inner,
-            max_chunks: None,
-        })
+        Ok(Self { geometry: Geometry::new(inner.size(), chunk_size)?, inner, max_chunks: None })
     }
 
     /// Also rejects requests (reads, writes, trims, zeroings) that touch more than `max_chunks`
@@ -61,9 +57,7 @@ impl<B: Backend> Chunked<B> {
         let cs = self.geometry.chunk_size();
         check_range(off, len, size)?;
         if !off.is_multiple_of(cs) && off != size {
-            return Err(invalid(format!(
-                "offset {off} is not a multiple of the chunk size {cs}"
-            )));
+            return Err(invalid(format!("offset {off} is not a multiple of the chunk size {cs}")));
         }
         let end = off + len;
         if !end.is_multiple_of(cs) && end != size {
@@ -248,18 +242,12 @@ mod tests {
     fn partial_length_is_named() {
         let c = chunked();
         let msg = message(c.write_at(&[0u8; 100], 0));
-        assert!(
-            msg.starts_with("length 100 at offset 0 is not a whole number of 4096-byte chunks"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("length 100 at offset 0 is not a whole number of 4096-byte chunks"), "{msg}");
         assert!(msg.contains("41060 bytes"), "{msg}");
         let msg = message(c.read_at(&mut [0u8; 99], 10 * 4096));
         assert!(msg.starts_with("length 99 at offset 40960 is not"), "{msg}");
         let msg = message(c.write_zeroes(4096, 5000));
-        assert!(
-            msg.starts_with("length 5000 at offset 4096 is not"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("length 5000 at offset 4096 is not"), "{msg}");
     }
 
     #[test]
@@ -281,10 +269,7 @@ mod tests {
         assert_eq!(c.max_chunks(), Some(2));
         c.write_at(&vec![1u8; 2 * 4096], 0).unwrap();
         let msg = message(c.write_at(&vec![1u8; 3 * 4096], 0));
-        assert_eq!(
-            msg,
-            "length 12288 at offset 0 spans 3 chunks, more than the limit of 2 per request"
-        );
+        assert_eq!(msg, "length 12288 at offset 0 spans 3 chunks, more than the limit of 2 per request");
         let msg = message(c.trim(0, 10 * 4096 + 100));
         assert!(msg.contains("spans 11 chunks"), "{msg}");
     }
@@ -294,13 +279,7 @@ mod tests {
         let c = chunked();
         c.write_at(&[1u8; 4096], 0).unwrap();
         let e = c.extents(5, 100).unwrap();
-        assert_eq!(
-            e,
-            vec![Extent {
-                len: 100,
-                hole: false
-            }]
-        );
+        assert_eq!(e, vec![Extent { len: 100, hole: false }]);
     }
 
     #[test]

@@ -168,11 +168,7 @@ mod tests {
             Arc::new(Delay::new(Memory::new(size), Duration::ZERO))
         });
         conformance::run(&|size| -> SharedBackend {
-            Arc::new(Delay::with_bandwidth(
-                Memory::new(size),
-                Duration::ZERO,
-                Some(u64::MAX),
-            ))
+            Arc::new(Delay::with_bandwidth(Memory::new(size), Duration::ZERO, Some(u64::MAX)))
         });
     }
 
@@ -213,10 +209,7 @@ mod tests {
             });
         });
         assert!(took >= latency, "{took:?}");
-        assert!(
-            took < Duration::from_millis(175),
-            "calls were serialised: {took:?}"
-        );
+        assert!(took < Duration::from_millis(175), "calls were serialised: {took:?}");
     }
 
     #[test]
@@ -239,11 +232,7 @@ mod tests {
 
     #[test]
     fn latency_adds_to_transfer_time() {
-        let d = Delay::with_bandwidth(
-            Memory::new(100_000),
-            Duration::from_millis(30),
-            Some(1_000_000),
-        );
+        let d = Delay::with_bandwidth(Memory::new(100_000), Duration::from_millis(30), Some(1_000_000));
         // 50 KB at 1 MB/s is 50 ms, plus 30 ms.
         assert!(timed(|| d.write_at(&vec![1u8; 50_000], 0).unwrap()) >= Duration::from_millis(80));
         let zero = Delay::with_bandwidth(Memory::new(10), Duration::ZERO, Some(0));

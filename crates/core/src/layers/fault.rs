@@ -86,13 +86,7 @@ pub struct FaultConfig {
 
 impl Default for FaultConfig {
     fn default() -> Self {
-        Self {
-            fail_after: None,
-            probability: 0.0,
-            ops: Ops::ALL,
-            kind: io::ErrorKind::Other,
-            seed: 0x5eed,
-        }
+        Self { fail_after: None, probability: 0.0, ops: Ops::ALL, kind: io::ErrorKind::Other, seed: 0x5eed }
     }
 }
 
@@ -143,11 +137,8 @@ impl<B: Backend> FaultInject<B> {
     /// Wraps `inner`, failing calls as `config` says.
     #[must_use]
     pub fn new(inner: B, mut config: FaultConfig) -> Self {
-        config.probability = if config.probability.is_nan() {
-            0.0
-        } else {
-            config.probability.clamp(0.0, 1.0)
-        };
+        config.probability =
+            if config.probability.is_nan() { 0.0 } else { config.probability.clamp(0.0, 1.0) };
         Self {
             inner,
             rng: Mutex::new(fastrand::Rng::with_seed(config.seed)),
@@ -310,10 +301,7 @@ mod tests {
 
     #[test]
     fn fail_after_fails_calls_past_the_limit() {
-        let f = faulty(FaultConfig {
-            fail_after: Some(3),
-            ..FaultConfig::default()
-        });
+        let f = faulty(FaultConfig { fail_after: Some(3), ..FaultConfig::default() });
         for _ in 0..3 {
             f.read_at(&mut [0u8; 4], 0).unwrap();
         }
@@ -330,10 +318,7 @@ mod tests {
 
     #[test]
     fn probability_zero_never_fails_and_one_always_fails() {
-        let never = faulty(FaultConfig {
-            probability: 0.0,
-            ..FaultConfig::default()
-        });
+        let never = faulty(FaultConfig { probability: 0.0, ..FaultConfig::default() });
         for i in 0..1000 {
             never.write_at(&[1], i).unwrap();
         }
@@ -353,29 +338,19 @@ mod tests {
 
     #[test]
     fn probability_is_seeded_and_roughly_right() {
-        let config = FaultConfig {
-            probability: 0.3,
-            seed: 42,
-            ..FaultConfig::default()
-        };
+        let config = FaultConfig { probability: 0.3, seed: 42, ..FaultConfig::default() };
         let pattern = |f: &FaultInject<Memory>| -> Vec<bool> {
             (0..1000).map(|i| f.read_at(&mut [0], i).is_err()).collect()
         };
         let a = faulty(config.clone());
         let first = pattern(&a);
         let failed = first.iter().filter(|&&x| x).count();
-        assert!(
-            (200..400).contains(&failed),
-            "{failed} of 1000 failed at p = 0.3"
-        );
+        assert!((200..400).contains(&failed), "{failed} of 1000 failed at p = 0.3");
         assert_eq!(pattern(&faulty(config)), first, "same seed, same faults");
         a.reset();
         assert_eq!(pattern(&a), first, "reset reseeds");
         // Out-of-range probabilities are clamped.
-        let clamped = faulty(FaultConfig {
-            probability: 7.0,
-            ..FaultConfig::default()
-        });
+        let clamped = faulty(FaultConfig { probability: 7.0, ..FaultConfig::default() });
         assert!((clamped.config().probability - 1.0).abs() < f64::EPSILON);
     }
 
@@ -387,10 +362,7 @@ mod tests {
         assert!(f.is_failing());
         assert!(f.read_at(&mut [0], 0).is_err());
         assert!(f.trim(0, 1).is_err());
-        assert_eq!(
-            f.extents(0, 1).unwrap_err().to_string(),
-            "injected fault on extents at offset 0"
-        );
+        assert_eq!(f.extents(0, 1).unwrap_err().to_string(), "injected fault on extents at offset 0");
         f.set_failing(false);
         f.read_at(&mut [0], 0).unwrap();
         assert_eq!(f.failures(), 3);
@@ -401,10 +373,7 @@ mod tests {
 
     #[test]
     fn only_selected_ops_fail() {
-        let f = faulty(FaultConfig {
-            ops: Ops::WRITE | Ops::ZEROES,
-            ..FaultConfig::default()
-        });
+        let f = faulty(FaultConfig { ops: Ops::WRITE | Ops::ZEROES, ..FaultConfig::default() });
         f.set_failing(true);
         f.read_at(&mut [0], 0).unwrap();
         f.flush().unwrap();
@@ -423,10 +392,7 @@ mod tests {
 
     #[test]
     fn failed_writes_do_not_reach_the_inner_backend() {
-        let f = faulty(FaultConfig {
-            ops: Ops::WRITE | Ops::ZEROES,
-            ..FaultConfig::default()
-        });
+        let f = faulty(FaultConfig { ops: Ops::WRITE | Ops::ZEROES, ..FaultConfig::default() });
         f.write_at(&[7u8; 100], 0).unwrap();
         f.set_failing(true);
         assert!(f.write_at(&[9u8; 100], 0).is_err());
@@ -436,10 +402,7 @@ mod tests {
         f.inner().read_at(&mut back, 0).unwrap();
         assert_eq!(back, [7u8; 100]);
         // A failed read leaves the buffer alone.
-        let f = faulty(FaultConfig {
-            fail_after: Some(0),
-            ..FaultConfig::default()
-        });
+        let f = faulty(FaultConfig { fail_after: Some(0), ..FaultConfig::default() });
         let mut buf = [3u8; 4];
         assert!(f.read_at(&mut buf, 0).is_err());
         assert_eq!(buf, [3u8; 4]);

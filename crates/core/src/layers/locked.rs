@@ -57,10 +57,7 @@ impl<B: Backend> Locked<B> {
     pub fn new(inner: B, locked: bool) -> Self {
         Self {
             inner,
-            state: Mutex::new(State {
-                locked,
-                in_flight: 0,
-            }),
+            state: Mutex::new(State { locked, in_flight: 0 }),
             opened: Condvar::new(),
             drained: Condvar::new(),
         }
@@ -74,10 +71,7 @@ impl<B> Locked<B> {
 
     /// Waits for the gate to be open and enters it.
     fn enter(&self) -> Pass<'_, B> {
-        let mut state = self
-            .opened
-            .wait_while(self.state(), |s| s.locked)
-            .expect("locked layer state lock");
+        let mut state = self.opened.wait_while(self.state(), |s| s.locked).expect("locked layer state lock");
         state.in_flight += 1;
         Pass { gate: self }
     }
@@ -89,10 +83,8 @@ impl<B> Locked<B> {
     pub fn lock(&self) {
         let mut state = self.state();
         state.locked = true;
-        let _state = self
-            .drained
-            .wait_while(state, |s| s.locked && s.in_flight > 0)
-            .expect("locked layer state lock");
+        let _state =
+            self.drained.wait_while(state, |s| s.locked && s.in_flight > 0).expect("locked layer state lock");
     }
 
     /// Opens the gate and wakes every blocked call.
@@ -117,11 +109,7 @@ impl<B> Locked<B> {
             if left.is_zero() {
                 return false;
             }
-            state = self
-                .opened
-                .wait_timeout(state, left)
-                .expect("locked layer state lock")
-                .0;
+            state = self.opened.wait_timeout(state, left).expect("locked layer state lock").0;
         }
         true
     }
@@ -224,9 +212,7 @@ mod tests {
 
     #[test]
     fn conformance_unlocked() {
-        conformance::run(&|size| -> SharedBackend {
-            Arc::new(Locked::new(Memory::new(size), false))
-        });
+        conformance::run(&|size| -> SharedBackend { Arc::new(Locked::new(Memory::new(size), false)) });
     }
 
     #[test]
@@ -244,10 +230,7 @@ mod tests {
         let extents = spawn_io(&l, |l| l.extents(0, 8192).map(drop));
         for rx in [&write, &read, &flush, &trim, &extents] {
             assert!(
-                matches!(
-                    rx.recv_timeout(BLOCKED),
-                    Err(mpsc::RecvTimeoutError::Timeout)
-                ),
+                matches!(rx.recv_timeout(BLOCKED), Err(mpsc::RecvTimeoutError::Timeout)),
                 "I/O went through a locked gate"
             );
         }
@@ -258,9 +241,7 @@ mod tests {
         assert!(!l.is_locked());
         assert!(l.wait_unlocked(Duration::ZERO));
         for rx in [write, read, flush, trim, extents] {
-            rx.recv_timeout(PROCEEDS)
-                .expect("I/O proceeds after unlock")
-                .unwrap();
+            rx.recv_timeout(PROCEEDS).expect("I/O proceeds after unlock").unwrap();
         }
         let mut back = [0u8; 10];
         l.read_at(&mut back, 100).unwrap();
@@ -306,13 +287,7 @@ mod tests {
 
     #[test]
     fn lock_waits_for_io_in_flight() {
-        let l = Arc::new(Locked::new(
-            Slow {
-                entered: Barrier::new(2),
-                release: Barrier::new(2),
-            },
-            false,
-        ));
+        let l = Arc::new(Locked::new(Slow { entered: Barrier::new(2), release: Barrier::new(2) }, false));
         let reader = {
             let l = Arc::clone(&l);
             std::thread::spawn(move || {
@@ -330,10 +305,7 @@ mod tests {
             let _ = tx.send(locker.in_flight());
         });
         assert!(
-            matches!(
-                rx.recv_timeout(BLOCKED),
-                Err(mpsc::RecvTimeoutError::Timeout)
-            ),
+            matches!(rx.recv_timeout(BLOCKED), Err(mpsc::RecvTimeoutError::Timeout)),
             "lock returned while a read was in flight"
         );
         assert!(l.is_locked(), "the gate closes before the wait");

@@ -284,14 +284,10 @@ mod tests {
         let second = t.sync();
         let first_set: std::collections::HashSet<u64> = first.iter().map(|c| c.0).collect();
         for c in &completed_before {
-            assert!(
-                first_set.contains(c),
-                "chunk {c} was written before sync but not returned"
-            );
+            assert!(first_set.contains(c), "chunk {c} was written before sync but not returned");
         }
         // Everything returned was written; nothing is returned twice.
-        let written: std::collections::HashSet<u64> =
-            done.lock().unwrap().iter().copied().collect();
+        let written: std::collections::HashSet<u64> = done.lock().unwrap().iter().copied().collect();
         for c in first.iter().chain(&second) {
             assert!(written.contains(&c.0), "{c} was never written");
         }
@@ -306,10 +302,7 @@ mod tests {
         t.track();
         t.write_at(&[1], 0).unwrap();
         let text = format!("{t:?}");
-        assert!(
-            text.contains("tracking: true") && text.contains("dirty: 1"),
-            "{text}"
-        );
+        assert!(text.contains("tracking: true") && text.contains("dirty: 1"), "{text}");
         assert_eq!(t.into_inner().size(), 4096);
     }
 }

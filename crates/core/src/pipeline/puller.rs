@@ -43,10 +43,7 @@ pub struct Sequential {
 impl Sequential {
     #[must_use]
     pub fn new(chunks: u64) -> Self {
-        Self {
-            next: 0,
-            end: chunks,
-        }
+        Self { next: 0, end: chunks }
     }
 }
 
@@ -73,10 +70,7 @@ impl ByPriority {
     pub fn new(chunks: u64, priority: impl Fn(Chunk) -> i64) -> Self {
         let mut keyed: Vec<(i64, u64)> = (0..chunks).map(|c| (priority(Chunk(c)), c)).collect();
         keyed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        Self {
-            order: keyed.into_iter().map(|(_, c)| c).collect(),
-            pos: 0,
-        }
+        Self { order: keyed.into_iter().map(|(_, c)| c).collect(), pos: 0 }
     }
 }
 
@@ -187,9 +181,7 @@ pub struct Puller {
 
 impl fmt::Debug for Puller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Puller")
-            .field("progress", &self.progress())
-            .finish()
+        f.debug_struct("Puller").field("progress", &self.progress()).finish()
     }
 }
 
@@ -217,9 +209,7 @@ impl Puller {
             ));
         }
         let chunks = synced.geometry().chunks();
-        let order = options
-            .order
-            .unwrap_or_else(|| Box::new(Sequential::new(chunks)));
+        let order = options.order.unwrap_or_else(|| Box::new(Sequential::new(chunks)));
         let shared = Arc::new(Shared {
             synced,
             queue: Mutex::new(Queue {
@@ -353,12 +343,7 @@ impl Puller {
                     if now >= d {
                         return Ok(false);
                     }
-                    q = self
-                        .shared
-                        .cv
-                        .wait_timeout(q, d - now)
-                        .expect("puller queue lock")
-                        .0;
+                    q = self.shared.cv.wait_timeout(q, d - now).expect("puller queue lock").0;
                 }
             }
         }
@@ -443,11 +428,7 @@ fn worker(shared: &Shared) {
             Work::Wait => {
                 // The timeout re-checks for chunks that became remote without a notification
                 // (a failed on-demand pull, mark_remote) or that someone else was pulling.
-                q = shared
-                    .cv
-                    .wait_timeout(q, Duration::from_millis(50))
-                    .expect("puller queue lock")
-                    .0;
+                q = shared.cv.wait_timeout(q, Duration::from_millis(50)).expect("puller queue lock").0;
             }
             Work::Run(run) => {
                 q.in_flight += 1;
@@ -507,22 +488,12 @@ mod tests {
     fn setup(data: &[u8]) -> (Arc<Probe>, Arc<Synced>) {
         let remote = Arc::new(Probe::with_data(data));
         let local = Arc::new(Memory::new(remote.size()));
-        let opts = SyncedOptions {
-            chunk_size: CS,
-            ..SyncedOptions::default()
-        };
-        (
-            remote.clone(),
-            Arc::new(Synced::new(remote, local, opts).unwrap()),
-        )
+        let opts = SyncedOptions { chunk_size: CS, ..SyncedOptions::default() };
+        (remote.clone(), Arc::new(Synced::new(remote, local, opts).unwrap()))
     }
 
     fn opts(depth: usize, request_size: u64) -> PullerOptions {
-        PullerOptions {
-            depth,
-            request_size,
-            ..PullerOptions::default()
-        }
+        PullerOptions { depth, request_size, ..PullerOptions::default() }
     }
 
     #[test]
@@ -535,10 +506,7 @@ mod tests {
         // 41 chunks in requests of 8: 6 requests.
         assert_eq!(remote.reads.load(Ordering::SeqCst), 6);
         let p = puller.progress();
-        assert!(
-            p.done && p.pulled_chunks == 41 && p.pulled_bytes == data.len() as u64,
-            "{p:?}"
-        );
+        assert!(p.done && p.pulled_chunks == 41 && p.pulled_bytes == data.len() as u64, "{p:?}");
         remote.fail_reads.store(true, Ordering::SeqCst);
         assert_eq!(contents(&*synced), data);
     }
@@ -548,14 +516,9 @@ mod tests {
         let data = pattern(2, (10 * CS) as usize);
         let (remote, synced) = setup(&data);
         let order = ByPriority::new(10, |c| i64::try_from(c.0).unwrap());
-        let puller = Puller::start(
-            Arc::clone(&synced),
-            PullerOptions {
-                order: Some(Box::new(order)),
-                ..opts(1, CS)
-            },
-        )
-        .unwrap();
+        let puller =
+            Puller::start(Arc::clone(&synced), PullerOptions { order: Some(Box::new(order)), ..opts(1, CS) })
+                .unwrap();
         puller.wait().unwrap();
         let offsets = remote.read_offsets.lock().unwrap().clone();
         let expected: Vec<u64> = (0..10).rev().map(|c| c * CS).collect();
@@ -575,32 +538,16 @@ mod tests {
     fn an_unfinalized_puller_waits_for_finalize_and_pulls_the_dirty_chunks_first() {
         let data = pattern(3, (8 * CS) as usize);
         let (remote, synced) = setup(&data);
-        let puller = Puller::start(
-            Arc::clone(&synced),
-            PullerOptions {
-                finalized: false,
-                ..opts(2, CS)
-            },
-        )
-        .unwrap();
+        let puller =
+            Puller::start(Arc::clone(&synced), PullerOptions { finalized: false, ..opts(2, CS) }).unwrap();
         while !synced.is_complete() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(
-            !puller
-                .wait_timeout(Some(Duration::from_millis(100)))
-                .unwrap()
-        );
+        assert!(!puller.wait_timeout(Some(Duration::from_millis(100))).unwrap());
         // The source changed chunks 2 and 5 after they were pulled.
         let newer = pattern(4, (2 * CS) as usize);
-        remote
-            .inner
-            .write_at(&newer[..CS as usize], 2 * CS)
-            .unwrap();
-        remote
-            .inner
-            .write_at(&newer[CS as usize..], 5 * CS)
-            .unwrap();
+        remote.inner.write_at(&newer[..CS as usize], 2 * CS).unwrap();
+        remote.inner.write_at(&newer[CS as usize..], 5 * CS).unwrap();
         let dirty = [Chunk(2), Chunk(5)];
         synced.mark_remote(dirty);
         puller.finalize(&dirty);
@@ -648,11 +595,8 @@ mod tests {
     fn a_dead_remote_makes_the_puller_give_up_with_the_error() {
         let (remote, synced) = setup(&pattern(7, (4 * CS) as usize));
         remote.fail_reads.store(true, Ordering::SeqCst);
-        let options = PullerOptions {
-            max_attempts: 3,
-            retry_backoff: Duration::from_millis(1),
-            ..opts(2, CS)
-        };
+        let options =
+            PullerOptions { max_attempts: 3, retry_backoff: Duration::from_millis(1), ..opts(2, CS) };
         let puller = Puller::start(Arc::clone(&synced), options).unwrap();
         let err = puller.wait().unwrap_err();
         assert!(err.to_string().contains("failed on purpose"), "{err}");
@@ -664,9 +608,7 @@ mod tests {
     fn chunks_pulled_on_demand_are_not_pulled_again() {
         let data = pattern(8, (16 * CS) as usize);
         let (remote, synced) = setup(&data);
-        synced
-            .read_at(&mut vec![0u8; (16 * CS) as usize], 0)
-            .unwrap();
+        synced.read_at(&mut vec![0u8; (16 * CS) as usize], 0).unwrap();
         let reads = remote.reads.load(Ordering::SeqCst);
         let puller = Puller::start(Arc::clone(&synced), opts(4, CS)).unwrap();
         puller.wait().unwrap();

@@ -92,9 +92,7 @@ pub struct Pusher {
 
 impl fmt::Debug for Pusher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pusher")
-            .field("progress", &self.progress())
-            .finish()
+        f.debug_struct("Pusher").field("progress", &self.progress()).finish()
     }
 }
 
@@ -126,13 +124,8 @@ impl Pusher {
             failed_cycles: AtomicU64::new(0),
         });
         let bg = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("r3map-push".into())
-            .spawn(move || background(&bg))?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
+        let thread = std::thread::Builder::new().name("r3map-push".into()).spawn(move || background(&bg))?;
+        Ok(Self { shared, thread: Some(thread) })
     }
 
     #[must_use]
@@ -158,13 +151,7 @@ impl Pusher {
             pushed_bytes: stats.pushed_bytes,
             dirty_chunks: stats.dirty_chunks,
             failed_cycles: self.shared.failed_cycles.load(Ordering::Relaxed),
-            last_error: self
-                .shared
-                .control
-                .lock()
-                .expect("pusher control lock")
-                .last_error
-                .clone(),
+            last_error: self.shared.control.lock().expect("pusher control lock").last_error.clone(),
         }
     }
 
@@ -178,11 +165,7 @@ impl Pusher {
     }
 
     fn stop_thread(&mut self) {
-        self.shared
-            .control
-            .lock()
-            .expect("pusher control lock")
-            .stop = true;
+        self.shared.control.lock().expect("pusher control lock").stop = true;
         self.shared.cv.notify_all();
         if let Some(t) = self.thread.take() {
             // A panicked thread has nothing left to clean up; the final push below still runs.
@@ -232,10 +215,7 @@ impl Shared {
                                 requests.fetch_add(1, Ordering::Relaxed);
                             }
                             Err(e) => {
-                                first_error
-                                    .lock()
-                                    .expect("push error lock")
-                                    .get_or_insert(e);
+                                first_error.lock().expect("push error lock").get_or_insert(e);
                             }
                         }
                     }
@@ -250,10 +230,7 @@ impl Shared {
             return Err(e);
         }
         control.last_error = None;
-        Ok(PushCycle {
-            chunks: chunks.into_inner(),
-            requests: requests.into_inner(),
-        })
+        Ok(PushCycle { chunks: chunks.into_inner(), requests: requests.into_inner() })
     }
 }
 
@@ -265,11 +242,7 @@ fn background(shared: &Shared) {
         let mut control = shared.control.lock().expect("pusher control lock");
         while !control.stop && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
-            control = shared
-                .cv
-                .wait_timeout(control, left)
-                .expect("pusher control lock")
-                .0;
+            control = shared.cv.wait_timeout(control, left).expect("pusher control lock").0;
         }
         if control.stop {
             return;
@@ -278,11 +251,7 @@ fn background(shared: &Shared) {
         match shared.cycle() {
             Ok(_) => wait = interval,
             Err(e) => {
-                wait = if wait >= interval {
-                    shared.options.retry_backoff
-                } else {
-                    (wait * 2).min(interval)
-                };
+                wait = if wait >= interval { shared.options.retry_backoff } else { (wait * 2).min(interval) };
                 tracing::warn!(error = %e, retry_in = ?wait, "background push failed; the chunks stay dirty");
             }
         }
@@ -339,19 +308,13 @@ mod tests {
     fn setup(data: &[u8], options: PusherOptions) -> (Arc<Probe>, Pusher) {
         let remote = Arc::new(Probe::with_data(data));
         let local = Arc::new(Memory::new(remote.size()));
-        let opts = SyncedOptions {
-            chunk_size: CS,
-            ..SyncedOptions::default()
-        };
+        let opts = SyncedOptions { chunk_size: CS, ..SyncedOptions::default() };
         let synced = Arc::new(Synced::new(remote.clone(), local, opts).unwrap());
         (remote, Pusher::start(synced, options).unwrap())
     }
 
     fn manual() -> PusherOptions {
-        PusherOptions {
-            interval: Duration::from_secs(3600),
-            ..PusherOptions::default()
-        }
+        PusherOptions { interval: Duration::from_secs(3600), ..PusherOptions::default() }
     }
 
     #[test]
@@ -359,10 +322,7 @@ mod tests {
         crate::conformance::run(&|size| {
             let remote = Arc::new(Memory::new(size));
             let local = Arc::new(Memory::new(size));
-            let opts = SyncedOptions {
-                chunk_size: CS,
-                ..SyncedOptions::default()
-            };
+            let opts = SyncedOptions { chunk_size: CS, ..SyncedOptions::default() };
             let synced = Arc::new(Synced::new(remote, local, opts).unwrap());
             Arc::new(Pusher::start(synced, manual()).unwrap())
         });
@@ -390,13 +350,8 @@ mod tests {
 
     #[test]
     fn pushes_in_the_background_on_the_interval() {
-        let (remote, pusher) = setup(
-            &[0u8; 4096],
-            PusherOptions {
-                interval: Duration::from_millis(20),
-                ..manual()
-            },
-        );
+        let (remote, pusher) =
+            setup(&[0u8; 4096], PusherOptions { interval: Duration::from_millis(20), ..manual() });
         pusher.write_at(&[5u8; 100], 50).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while contents(&remote.inner)[50..150] != [5u8; 100] && Instant::now() < deadline {
@@ -422,10 +377,7 @@ mod tests {
             first.join().unwrap().unwrap();
         });
         assert_eq!(contents(&remote.inner)[..CS as usize], v1[..]);
-        assert!(
-            pusher.synced().is_dirty(Chunk(0)),
-            "the newer write must still be dirty"
-        );
+        assert!(pusher.synced().is_dirty(Chunk(0)), "the newer write must still be dirty");
         pusher.flush().unwrap();
         assert_eq!(contents(&remote.inner)[..CS as usize], v2[..]);
     }
@@ -442,10 +394,7 @@ mod tests {
         assert!(p.last_error.is_some());
         remote.fail_writes.store(false, Ordering::SeqCst);
         pusher.flush().unwrap();
-        assert_eq!(
-            contents(&remote.inner)[CS as usize..(CS + 10) as usize],
-            [1u8; 10]
-        );
+        assert_eq!(contents(&remote.inner)[CS as usize..(CS + 10) as usize], [1u8; 10]);
         assert!(pusher.progress().last_error.is_none());
     }
 

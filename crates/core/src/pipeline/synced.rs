@@ -63,11 +63,7 @@ pub struct SyncedOptions {
 
 impl Default for SyncedOptions {
     fn default() -> Self {
-        Self {
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            max_request: DEFAULT_MAX_REQUEST,
-            on_chunk_local: None,
-        }
+        Self { chunk_size: DEFAULT_CHUNK_SIZE, max_request: DEFAULT_MAX_REQUEST, on_chunk_local: None }
     }
 }
 
@@ -140,10 +136,7 @@ pub struct Synced {
 
 impl fmt::Debug for Synced {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Synced")
-            .field("geometry", &self.geometry)
-            .field("stats", &self.stats())
-            .finish()
+        f.debug_struct("Synced").field("geometry", &self.geometry).field("stats", &self.stats()).finish()
     }
 }
 
@@ -152,11 +145,7 @@ impl Synced {
     ///
     /// # Errors
     /// `InvalidInput` when the local backend is smaller than the remote or an option is zero.
-    pub fn new(
-        remote: SharedBackend,
-        local: SharedBackend,
-        options: SyncedOptions,
-    ) -> io::Result<Self> {
+    pub fn new(remote: SharedBackend, local: SharedBackend, options: SyncedOptions) -> io::Result<Self> {
         let size = remote.size();
         if local.size() < size {
             return Err(io::Error::new(
@@ -238,8 +227,7 @@ impl Synced {
     #[must_use]
     pub fn stats(&self) -> SyncedStats {
         let c = &self.counters;
-        let bitmaps =
-            self.local_bits.heap_bytes() + self.busy.heap_bytes() + self.dirty.heap_bytes();
+        let bitmaps = self.local_bits.heap_bytes() + self.busy.heap_bytes() + self.dirty.heap_bytes();
         let stripes = std::mem::size_of_val(&*self.stripes);
         SyncedStats {
             chunks: self.geometry.chunks(),
@@ -290,12 +278,7 @@ impl Synced {
     ///
     /// # Errors
     /// The first failed remote read or local write; the chunks of that request stay remote.
-    pub fn pull(
-        &self,
-        chunks: Range<u64>,
-        max_chunks: u64,
-        scratch: &mut Vec<u8>,
-    ) -> io::Result<(u64, u64)> {
+    pub fn pull(&self, chunks: Range<u64>, max_chunks: u64, scratch: &mut Vec<u8>) -> io::Result<(u64, u64)> {
         let end = chunks.end.min(self.geometry.chunks());
         let mut pulled = (0, 0);
         let mut c = chunks.start;
@@ -390,10 +373,8 @@ impl Synced {
                 (&mut scratch[..len], false)
             }
         };
-        let result = self
-            .remote
-            .read_at(buf, bytes.start)
-            .and_then(|()| self.local.write_at(buf, bytes.start));
+        let result =
+            self.remote.read_at(buf, bytes.start).and_then(|()| self.local.write_at(buf, bytes.start));
         self.counters.pull_requests.fetch_add(1, Ordering::Relaxed);
         let ok = result.is_ok();
         let mut became = Vec::new();
@@ -411,12 +392,8 @@ impl Synced {
                 ),
             ));
         }
-        self.counters
-            .pulled_chunks
-            .fetch_add(run.end - run.start, Ordering::Relaxed);
-        self.counters
-            .pulled_bytes
-            .fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
+        self.counters.pulled_chunks.fetch_add(run.end - run.start, Ordering::Relaxed);
+        self.counters.pulled_bytes.fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
         self.notify_local(became.into_iter());
         Ok(direct)
     }
@@ -498,11 +475,7 @@ impl Synced {
         }
         let result = op();
         let ok = result.is_ok();
-        let became: Vec<u64> = owned
-            .iter()
-            .copied()
-            .filter(|&c| self.release(c, ok))
-            .collect();
+        let became: Vec<u64> = owned.iter().copied().filter(|&c| self.release(c, ok)).collect();
         result?;
         for c in touched {
             self.dirty.set(c);
@@ -553,10 +526,8 @@ impl Synced {
             let len = to_usize(bytes.end - bytes.start);
             scratch.resize(len, 0);
             let buf = &mut scratch[..len];
-            let result = self
-                .local
-                .read_at(buf, bytes.start)
-                .and_then(|()| self.remote.write_at(buf, bytes.start));
+            let result =
+                self.local.read_at(buf, bytes.start).and_then(|()| self.remote.write_at(buf, bytes.start));
             self.counters.push_requests.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = result {
                 for d in start..c {
@@ -564,18 +535,11 @@ impl Synced {
                 }
                 return Err(io::Error::new(
                     e.kind(),
-                    format!(
-                        "pushing chunks {start}..{c} (bytes {}..{}) failed: {e}",
-                        bytes.start, bytes.end
-                    ),
+                    format!("pushing chunks {start}..{c} (bytes {}..{}) failed: {e}", bytes.start, bytes.end),
                 ));
             }
-            self.counters
-                .pushed_chunks
-                .fetch_add(c - start, Ordering::Relaxed);
-            self.counters
-                .pushed_bytes
-                .fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
+            self.counters.pushed_chunks.fetch_add(c - start, Ordering::Relaxed);
+            self.counters.pushed_bytes.fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
             pushed += c - start;
         }
         Ok(pushed)
@@ -599,14 +563,7 @@ impl Backend for Synced {
         }
         let touched = self.geometry.chunks_touched(off, len64(buf));
         let mut direct = Vec::new();
-        self.ensure_local(
-            touched.clone(),
-            Some(Target {
-                buf: &mut *buf,
-                off,
-            }),
-            &mut direct,
-        )?;
+        self.ensure_local(touched.clone(), Some(Target { buf: &mut *buf, off }), &mut direct)?;
         // Read what was not filled straight into the buffer from the local backend.
         direct.sort_by_key(|r| r.start);
         let mut next = touched.start;
@@ -628,12 +585,7 @@ impl Backend for Synced {
 
     fn capabilities(&self) -> Capabilities {
         let local = self.local.capabilities();
-        Capabilities {
-            trim: local.trim,
-            write_zeroes: local.write_zeroes,
-            extents: false,
-            read_only: false,
-        }
+        Capabilities { trim: local.trim, write_zeroes: local.write_zeroes, extents: false, read_only: false }
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
@@ -659,10 +611,7 @@ mod tests {
     const CS: u64 = 64 * 1024;
 
     fn options(chunk_size: u64) -> SyncedOptions {
-        SyncedOptions {
-            chunk_size,
-            ..SyncedOptions::default()
-        }
+        SyncedOptions { chunk_size, ..SyncedOptions::default() }
     }
 
     fn stack(remote: &Arc<Probe>) -> Synced {
@@ -684,11 +633,7 @@ mod tests {
         conformance::run(&|size| {
             let remote = Arc::new(Memory::new(size));
             let local = Arc::new(Memory::new(size));
-            let opts = SyncedOptions {
-                chunk_size: 4096,
-                max_request: 3 * 4096,
-                on_chunk_local: None,
-            };
+            let opts = SyncedOptions { chunk_size: 4096, max_request: 3 * 4096, on_chunk_local: None };
             Arc::new(Synced::new(remote, local, opts).unwrap())
         });
     }
@@ -849,10 +794,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let hook_seen = Arc::clone(&seen);
         let hook: ChunkHook = Arc::new(move |c| hook_seen.lock().unwrap().push(c.0));
-        let opts = SyncedOptions {
-            on_chunk_local: Some(hook),
-            ..options(CS)
-        };
+        let opts = SyncedOptions { on_chunk_local: Some(hook), ..options(CS) };
         let s = Synced::new(remote.clone(), Arc::new(Memory::new(6 * CS)), opts).unwrap();
         s.read_at(&mut vec![0u8; (2 * CS) as usize], 0).unwrap();
         s.write_at(&vec![1u8; CS as usize], 4 * CS).unwrap();
@@ -865,12 +807,7 @@ mod tests {
     #[test]
     fn metadata_for_a_sparse_tebibyte_is_a_few_mebibytes() {
         let size = 1u64 << 40;
-        let s = Synced::new(
-            Arc::new(Memory::new(size)),
-            Arc::new(Memory::new(size)),
-            options(CS),
-        )
-        .unwrap();
+        let s = Synced::new(Arc::new(Memory::new(size)), Arc::new(Memory::new(size)), options(CS)).unwrap();
         let meta = s.stats().metadata_bytes;
         assert!(meta <= 7 << 20, "{meta} bytes of metadata");
     }
@@ -882,11 +819,7 @@ mod tests {
         let err = Synced::new(big.clone(), small.clone(), options(4)).unwrap_err();
         assert!(err.to_string().contains("smaller than the remote"), "{err}");
         assert!(Synced::new(small.clone(), big.clone(), options(0)).is_err());
-        let opts = SyncedOptions {
-            chunk_size: 8,
-            max_request: 4,
-            on_chunk_local: None,
-        };
+        let opts = SyncedOptions { chunk_size: 8, max_request: 4, on_chunk_local: None };
         assert!(Synced::new(small, big, opts).is_err());
     }
 }

@@ -94,10 +94,7 @@ impl Probe {
 
     fn check(&self, fail: &AtomicBool, what: &str) -> io::Result<()> {
         let injected = fail.load(Ordering::SeqCst)
-            || self
-                .fail_next
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
+            || self.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if injected {
             return Err(io::Error::other(format!("probe: {what} failed on purpose")));
         }

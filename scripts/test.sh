@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs all of them: formatting, lints, a short benchmark smoke run,
+# and the test suite (as root the privileged tests run too). Safe to run on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# System packages the tests use. Only installed when missing, so repeated runs are quick.
+need_pkgs=()
+command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
+  else
+    echo "missing ${need_pkgs[*]}; some privileged tests will be skipped" >&2
+  fi
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "benchmark smoke run"
+cargo bench --locked -p r3map-core --bench pipeline -- --quick
+
+log "tests"
+cargo nextest run --workspace --locked --no-fail-fast
