@@ -46,15 +46,12 @@ fn filled(size: u64) -> Memory {
     m
 }
 
-/// Touches and frees `size` bytes so that later allocations get memory the hypervisor has already
-/// backed: on a virtual machine the first touch of guest memory costs far more than the kernel's own
-/// page fault, and that cost would land on whichever measurement runs first.
+/// Touches and frees `size` bytes in huge pages, so that later allocations get memory the
+/// hypervisor has already backed: on a virtual machine the first touch of guest memory costs far
+/// more than the kernel's own page fault, and that cost would land on whichever measurement runs
+/// first.
 fn warm_up(size: u64) {
-    let mut v = vec![0u8; size as usize];
-    for i in (0..v.len()).step_by(4096) {
-        v[i] = 1;
-    }
-    std::hint::black_box(&v);
+    drop(warm_memory(size));
 }
 
 /// Best of three copies of `size` bytes between two buffers that are already faulted in.
@@ -85,15 +82,36 @@ fn first_touch(size: u64, page: u64) -> f64 {
     gbps(size, t.elapsed())
 }
 
-/// Sequential 1 MiB reads through a fresh `Synced` over `remote`; best of two.
-fn synced_read(remote: &Arc<Memory>, chunk_size: u64, local_page: u64) -> f64 {
+/// A local cache: either fresh memory, or memory whose pages are already allocated and faulted
+/// in (reused from an earlier run), which isolates the pipeline from the cost of the first touch.
+#[derive(Clone, Copy, PartialEq)]
+enum Local {
+    Fresh,
+    Warm,
+}
+
+fn warm_memory(size: u64) -> Arc<Memory> {
+    let m = Arc::new(Memory::new(size));
+    let ones = vec![1u8; MIB as usize];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(MIB);
+        m.write_at(&ones[..n as usize], off).expect("fault the cache in");
+        off += n;
+    }
+    m
+}
+
+/// Sequential 1 MiB reads through a new `Synced` over `remote`; best of two.
+fn synced_read(remote: &Arc<Memory>, chunk_size: u64, local: Local) -> f64 {
     let size = remote.size();
+    let warm = (local == Local::Warm).then(|| warm_memory(size));
     let mut buf = vec![0u8; MIB as usize];
     (0..2)
         .map(|_| {
-            let local = Arc::new(Memory::with_page_size(size, local_page).expect("local"));
+            let cache = warm.clone().unwrap_or_else(|| Arc::new(Memory::new(size)));
             let opts = SyncedOptions { chunk_size, ..SyncedOptions::default() };
-            let synced = Synced::new(remote.clone(), local, opts).expect("synced");
+            let synced = Synced::new(remote.clone(), cache, opts).expect("synced");
             let t = Instant::now();
             let mut off = 0;
             while off < size {
@@ -105,13 +123,19 @@ fn synced_read(remote: &Arc<Memory>, chunk_size: u64, local_page: u64) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Background pull over a remote that takes `latency` per call: bytes pulled within the budget.
-fn pull(remote: &Arc<Memory>, latency: Duration, request: u64, depth: usize, budget: Duration) -> f64 {
-    let size = remote.size();
+/// Background pull over a remote that takes `latency` per call into the warm `cache`: bytes
+/// pulled per second until done or until the budget runs out.
+fn pull(
+    remote: &Arc<Memory>,
+    cache: &Arc<Memory>,
+    latency: Duration,
+    request: u64,
+    depth: usize,
+    budget: Duration,
+) -> f64 {
     let delayed = Arc::new(Delay::new(remote.clone(), latency));
-    let local = Arc::new(Memory::new(size));
     let opts = SyncedOptions { chunk_size: 64 * KIB, ..SyncedOptions::default() };
-    let synced = Arc::new(Synced::new(delayed, local, opts).expect("synced"));
+    let synced = Arc::new(Synced::new(delayed, cache.clone(), opts).expect("synced"));
     let t = Instant::now();
     let puller =
         Puller::start(synced, PullerOptions { depth, request_size: request, ..PullerOptions::default() })
@@ -153,17 +177,18 @@ fn main() {
 
     let remote = Arc::new(filled(cfg.read_size));
     println!("## Sequential 1 MiB reads through Synced, memory remote, no delay\n");
-    println!("| chunk size | local page | GB/s | ratio to memcpy |\n|---|---|---|---|");
-    for page in [64 * KIB, 2 * MIB] {
+    println!("| chunk size | local cache | GB/s | ratio to memcpy |\n|---|---|---|---|");
+    for (local, name) in [(Local::Warm, "warm"), (Local::Fresh, "fresh")] {
         for cs in [4 * KIB, 64 * KIB, 256 * KIB, MIB] {
-            let r = synced_read(&remote, cs, page);
-            println!("| {} KiB | {} KiB | {r:.2} | {:.2} |", cs / KIB, page / KIB, r / base);
+            let r = synced_read(&remote, cs, local);
+            println!("| {} KiB | {name} | {r:.2} | {:.2} |", cs / KIB, r / base);
         }
     }
     drop(remote);
 
-    println!("\n## Background pull, Delay per call, 64 KiB chunks\n");
+    println!("\n## Background pull into a warm cache, Delay per call, 64 KiB chunks\n");
     let remote = Arc::new(filled(cfg.pull_size));
+    let cache = warm_memory(cfg.pull_size);
     let latencies: &[u64] = if cfg.quick { &[0, 40] } else { &[0, 10, 25, 40] };
     let requests: &[u64] = if cfg.quick { &[4 * MIB] } else { &[256 * KIB, MIB, 4 * MIB, 16 * MIB] };
     let depths: &[usize] = if cfg.quick { &[16] } else { &[4, 16, 64] };
@@ -180,7 +205,7 @@ fn main() {
         for &depth in depths {
             print!("| {} KiB | {depth} |", request / KIB);
             for &l in latencies {
-                let r = pull(&remote, Duration::from_millis(l), request, depth, cfg.pull_budget);
+                let r = pull(&remote, &cache, Duration::from_millis(l), request, depth, cfg.pull_budget);
                 print!(" {r:.2} GB/s |");
             }
             println!();

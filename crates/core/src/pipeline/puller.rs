@@ -258,12 +258,7 @@ impl Puller {
     /// is about to touch).
     pub fn prioritize(&self, chunks: impl IntoIterator<Item = Chunk>) {
         let mut q = self.lock();
-        let mut front: Vec<u64> = chunks.into_iter().map(|c| c.0).collect();
-        front.sort_unstable();
-        for c in front.into_iter().rev() {
-            q.urgent.push_front(c);
-        }
-        q.done = false;
+        queue_first(&mut q, chunks);
         drop(q);
         self.shared.cv.notify_all();
     }
@@ -272,11 +267,13 @@ impl Puller {
     /// call counts (as in the original); the caller marks `dirty` remote on the [`Synced`] layer
     /// before calling it.
     pub fn finalize(&self, dirty: &[Chunk]) {
-        if self.lock().finalized {
+        let mut q = self.lock();
+        if q.finalized {
             return;
         }
-        self.prioritize(dirty.iter().copied());
-        self.lock().finalized = true;
+        queue_first(&mut q, dirty.iter().copied());
+        q.finalized = true;
+        drop(q);
         self.shared.cv.notify_all();
     }
 
@@ -368,6 +365,16 @@ impl Drop for Puller {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Puts `chunks` at the front of the urgent queue, in ascending order so that runs merge.
+fn queue_first(q: &mut Queue, chunks: impl IntoIterator<Item = Chunk>) {
+    let mut front: Vec<u64> = chunks.into_iter().map(|c| c.0).collect();
+    front.sort_unstable();
+    for c in front.into_iter().rev() {
+        q.urgent.push_front(c);
+    }
+    q.done = false;
 }
 
 fn next_work(shared: &Shared, q: &mut Queue) -> Work {
