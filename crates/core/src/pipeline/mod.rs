@@ -9,5 +9,21 @@ pub use puller::Puller;
 pub use pusher::Pusher;
 pub use synced::Synced;
 
+use std::io;
+
+/// Checks the worker options shared by the puller and the pusher.
+fn check_workers(what: &str, depth: usize, request_size: u64, chunk_size: u64) -> io::Result<()> {
+    if depth == 0 || request_size < chunk_size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the {what} needs a depth of at least 1 (got {depth}) and requests of at least one chunk \
+                 ({chunk_size} bytes, got {request_size})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod testutil;

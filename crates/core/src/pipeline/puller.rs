@@ -198,16 +198,7 @@ impl Puller {
     /// `InvalidInput` for a zero depth or a request smaller than a chunk; an error spawning threads.
     pub fn start(synced: Arc<Synced>, options: PullerOptions) -> io::Result<Self> {
         let chunk_size = synced.geometry().chunk_size();
-        if options.depth == 0 || options.request_size < chunk_size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the pull needs a depth of at least 1 (got {}) and requests of at least one chunk \
-                     ({chunk_size} bytes, got {})",
-                    options.depth, options.request_size
-                ),
-            ));
-        }
+        super::check_workers("pull", options.depth, options.request_size, chunk_size)?;
         let chunks = synced.geometry().chunks();
         let order = options.order.unwrap_or_else(|| Box::new(Sequential::new(chunks)));
         let shared = Arc::new(Shared {

@@ -103,16 +103,7 @@ impl Pusher {
     /// `InvalidInput` for a zero depth or a request smaller than a chunk; an error spawning the thread.
     pub fn start(synced: Arc<Synced>, options: PusherOptions) -> io::Result<Self> {
         let chunk_size = synced.geometry().chunk_size();
-        if options.depth == 0 || options.request_size < chunk_size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the push needs a depth of at least 1 (got {}) and requests of at least one chunk \
-                     ({chunk_size} bytes, got {})",
-                    options.depth, options.request_size
-                ),
-            ));
-        }
+        super::check_workers("push", options.depth, options.request_size, chunk_size)?;
         let shared = Arc::new(Shared {
             synced,
             max_chunks: options.request_size / chunk_size,
