@@ -13,6 +13,7 @@
 //!   [`Delay`], [`FaultInject`].
 //! - [`pipeline`]: [`Synced`] (lazy copy-on-read with per-chunk state), [`Puller`] (background
 //!   pull) and [`Pusher`] (background write-back).
+//! - [`seeder`]: the [`Seeder`] trait, the source side of a migration.
 //! - [`conformance`]: the suite every backend and layer stack passes.
 
 pub mod backend;
@@ -22,9 +23,11 @@ pub mod conformance;
 pub mod geometry;
 pub mod layers;
 pub mod pipeline;
+pub mod seeder;
 
 pub use backend::{Backend, Capabilities, Extent, SharedBackend, check_range};
 pub use backends::{Dir, File, Memory};
 pub use geometry::{Chunk, Geometry};
 pub use layers::{Aligned, Chunked, Delay, FaultInject, Locked, Tracked};
 pub use pipeline::{Puller, Pusher, Synced};
+pub use seeder::Seeder;
