@@ -1,0 +1,31 @@
+//! The r3map network protocol: serve any [`Backend`](r3map_core::Backend) over TCP (TLS 1.3 by
+//! default), plaintext TCP when asked for, or a Unix socket, and use a remote one as a `Backend`
+//! ([`RemoteBackend`]).
+//!
+//! One connection carries many requests at once, tagged with ids and answered in any order; a
+//! client may open several connections. The handshake carries the protocol version, the export
+//! name and the credentials one way and the size, chunk size, largest request and capabilities the
+//! other, so opening costs no extra round trip. The protocol is specified in `docs/protocol.md`.
+//!
+//! Not here: gRPC interoperability (`r3map-grpc`), NBD (a later crate).
+//!
+//! # Layout
+//! - [`proto`]: the wire format, encoded and decoded without I/O (the fuzzed decoders).
+//! - [`errno`]: error codes on the wire.
+//! - [`security`]: TLS configurations and the stream type.
+//! - [`server`]: [`Server`], [`Export`], [`ServerHandle`].
+//! - [`client`]: [`RemoteBackend`] with reconnection, and its [`Address`] URLs.
+//! - [`pool`]: reusable payload buffers.
+//! - [`certs`]: a private CA and the certificates it signs, for mutual TLS.
+
+pub mod certs;
+pub mod client;
+pub mod errno;
+pub mod pool;
+pub mod proto;
+pub mod security;
+pub mod server;
+
+pub use client::{Address, ClientOptions, RemoteBackend};
+pub use security::{ClientSecurity, ServerSecurity, client_tls, server_tls};
+pub use server::{Export, Server, ServerConfig, ServerHandle};
