@@ -15,7 +15,7 @@ use r3map_core::pipeline::synced::{Synced, SyncedOptions};
 use crate::units::{human, parse_duration, parse_size};
 
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {
+pub struct Args {
     /// Size of the simulated remote resource.
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     size: u64,
@@ -55,7 +55,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-pub(crate) fn run(args: &Args) -> anyhow::Result<()> {
+pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.threads == 0 || args.size < args.threads * args.max_io.max(1) {
         bail!("the resource must hold at least --threads × --max-io bytes");
     }

@@ -1,0 +1,36 @@
+//! The commands behind the `r3map` and `ram-ul` binaries, kept in a library so both binaries (and
+//! the tests) share one implementation.
+//!
+//! # Layout
+//! - [`backend_url`]: opening a storage backend from a URL (`memory:4GiB`, `file:///path`,
+//!   `dir:///path?size=...`).
+//! - [`serve`]: `r3map serve` and the server behind `ram-ul`: listeners, security, metrics,
+//!   shutdown on signals.
+//! - [`certs`]: `r3map certs`, a private CA and the certificates for mutual TLS.
+//! - [`demo`]: `r3map demo`, the managed pipeline against a simulated remote.
+//! - [`units`]: sizes and durations on the command line.
+
+pub mod backend_url;
+pub mod certs;
+pub mod demo;
+pub mod serve;
+pub mod units;
+
+use std::io::IsTerminal as _;
+
+use tracing_subscriber::EnvFilter;
+
+/// Logs to standard error at `info`, `debug` (`verbose` 1) or `trace` (2 and more); `RUST_LOG`
+/// overrides.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

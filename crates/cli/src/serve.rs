@@ -1,0 +1,578 @@
+//! `r3map serve`: exports one backend over TCP (TLS 1.3, or plaintext when asked for) and/or a
+//! Unix socket, with optional Prometheus metrics; also the server behind `ram-ul`.
+//!
+//! Security is a choice the user makes, never a default: a TCP listener needs either a TLS
+//! certificate and key or `--insecure-plaintext`. A Unix socket is protected by its file's
+//! permissions and needs no TLS. Clients authenticate with a token, a client certificate
+//! (`--tls-client-ca`), or both.
+//!
+//! Shutdown: the first SIGINT or SIGTERM stops accepting connections, lets the requests in
+//! flight finish, flushes the backend and exits 0; a second one exits at once with 130 (SIGINT)
+//! or 143 (SIGTERM), without waiting or flushing.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
+use std::os::unix::fs::FileTypeExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow, bail};
+use r3map_core::{Aligned, Backend as _, Chunked, SharedBackend, Tracked};
+use r3map_net::proto::MIN_MAX_REQUEST;
+use r3map_net::security::read_pem;
+use r3map_net::{Export, Server, ServerConfig, ServerSecurity, server_tls};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::backend_url::{self, OpenOptions, Opened};
+use crate::units::{human, parse_size};
+
+/// Where TCP listens unless told otherwise: every interface, port 1337.
+pub const DEFAULT_LISTEN: &str = ":1337";
+
+/// The flags of `r3map serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What to serve (quote it in the shell: `?` and `&` are special there).
+    ///
+    /// `memory:SIZE`: sparse memory, e.g. memory:4GiB (lost when the server stops).
+    /// `file:///PATH`: an existing file or block device, at its size.
+    /// `file:///PATH?size=SIZE`: a file of SIZE bytes, created sparse if missing and used as it is
+    /// if it already has that size (a file of another size is an error).
+    /// `file:///PATH?size=SIZE&truncate=true`: the file emptied and set to SIZE.
+    /// `dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N]`: one file per chunk in a directory
+    /// (chunk size defaults to --chunk-size, open files to 512).
+    #[arg(value_name = "BACKEND-URL", verbatim_doc_comment)]
+    pub backend: String,
+    /// TCP address to listen on: HOST:PORT, `[IPV6]:PORT`, or :PORT for every interface. Defaults
+    /// to `[::]:1337` (every interface, IPv4 and IPv6), unless only --unix is given.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Serve on a Unix socket at PATH. Without --listen, only the socket is served; with it, both.
+    /// Access is governed by the socket file's permissions; no TLS is used on it.
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// The export name clients ask for (the path of their URL).
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub export: String,
+    /// Refuse writes, trims and zeroing; files and block devices are opened read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// The chunk size announced to clients, the unit of --chunking and --seeder tracking, and the
+    /// chunk size of a dir:// backend that names none.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub chunk_size: u64,
+    /// Server-side chunking: the backend only ever sees whole, aligned chunks (any request is
+    /// widened to chunks by read-modify-write on the server, so clients need no chunking of their
+    /// own, which costs them round trips).
+    #[arg(long)]
+    pub chunking: bool,
+    /// Serve as a migration source: record the chunks written between a client's `track` and
+    /// `sync` (the seeder operations of a live migration).
+    #[arg(long)]
+    pub seeder: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Flags `r3map serve` and `ram-ul` share: limits, security, metrics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Largest request (and reply) payload; larger client requests are split by the client.
+    #[arg(long, default_value = "32MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub max_request: u64,
+    /// Serve Prometheus metrics (`r3map_server_*`: requests, bytes, errors, latency,
+    /// connections) over HTTP on ADDR (HOST:PORT or :PORT), at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How clients are authenticated and connections protected.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Security (a TCP listener needs TLS or --insecure-plaintext)")]
+pub struct SecurityArgs {
+    /// The server's certificate chain (PEM) for TLS 1.3 on TCP. `r3map certs` makes one.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS. Clients without one are
+    /// refused during the TLS handshake.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// A shared secret every client must send. It shows in the process list: prefer --token-file
+    /// or the R3MAP_TOKEN environment variable (used when neither flag is given).
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// Read the shared secret from a file (a trailing newline is ignored).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Serve TCP without encryption: anyone on the path can read the data and the token. Only for
+    /// trusted networks and tests.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure_plaintext: bool,
+}
+
+/// The security a server runs with, checked and loaded.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub server: ServerSecurity,
+    pub token: Option<String>,
+    /// Clients must present a certificate.
+    pub client_certs: bool,
+}
+
+impl SecurityArgs {
+    /// Loads the certificates and the token, and checks a TCP listener (`tcp`) has a security
+    /// choice.
+    ///
+    /// # Errors
+    /// No choice for TCP, unreadable or unusable PEM, an unreadable or empty token.
+    pub fn resolve(&self, tcp: bool) -> anyhow::Result<Security> {
+        if tcp && self.tls_cert.is_none() && !self.insecure_plaintext {
+            bail!(
+                "refusing to serve TCP without a choice of security. Choose one of:\n  \
+                 --tls-cert PEM --tls-key PEM    TLS 1.3 (`r3map certs` makes a CA and certificates);\n  \
+                 \x20                               add --tls-client-ca PEM to require client certificates\n  \
+                 --insecure-plaintext            no encryption, for trusted networks only\n  \
+                 --unix PATH (and no --listen)   a Unix socket only, which needs no TLS\n\
+                 and consider --token-file PATH (or R3MAP_TOKEN), so clients must also know a secret"
+            );
+        }
+        let server = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let ca = self.tls_client_ca.as_deref().map(read_pem).transpose()?;
+                let config =
+                    server_tls(&read_pem(cert)?, &read_pem(key)?, ca.as_deref()).with_context(|| {
+                        format!("cannot use {} and {} for TLS", cert.display(), key.display())
+                    })?;
+                ServerSecurity::Tls(config)
+            }
+            (None, None) => ServerSecurity::Plaintext,
+            _ => bail!("--tls-cert and --tls-key go together"),
+        };
+        let token = if let Some(t) = &self.token {
+            Some(t.clone())
+        } else if let Some(path) = &self.token_file {
+            let t = fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            Some(t.trim_end_matches(['\n', '\r']).to_owned())
+        } else {
+            std::env::var("R3MAP_TOKEN").ok().filter(|t| !t.is_empty())
+        };
+        if token.as_deref() == Some("") {
+            bail!("the token is empty; give a secret, or no token at all");
+        }
+        Ok(Security { server, token, client_certs: self.tls_client_ca.is_some() })
+    }
+}
+
+impl Security {
+    /// `TLS 1.3, client certificates, token`, `plaintext, no token`, ...
+    fn tcp_mode(&self) -> String {
+        let mut s = match self.server {
+            ServerSecurity::Tls(_) if self.client_certs => "TLS 1.3, client certificates".to_owned(),
+            ServerSecurity::Tls(_) => "TLS 1.3".to_owned(),
+            ServerSecurity::Plaintext => "plaintext".to_owned(),
+        };
+        s.push_str(if self.token.is_some() { ", token" } else { ", no token" });
+        s
+    }
+}
+
+/// A server to run: what `r3map serve` and `ram-ul` have parsed from their flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TCP address (`HOST:PORT`, `[V6]:PORT`, `:PORT`), if TCP is served.
+    pub listen: Option<String>,
+    pub unix: Option<PathBuf>,
+    pub export: String,
+    pub read_only: bool,
+    pub chunk_size: u64,
+    pub chunking: bool,
+    pub seeder: bool,
+    pub common: CommonArgs,
+}
+
+impl Args {
+    /// The server these flags describe.
+    #[must_use]
+    pub fn config(&self) -> Config {
+        let listen = match (&self.listen, &self.unix) {
+            (Some(l), _) => Some(l.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some(DEFAULT_LISTEN.to_owned()),
+        };
+        Config {
+            listen,
+            unix: self.unix.clone(),
+            export: self.export.clone(),
+            read_only: self.read_only,
+            chunk_size: self.chunk_size,
+            chunking: self.chunking,
+            seeder: self.seeder,
+            common: self.common.clone(),
+        }
+    }
+}
+
+/// `r3map serve`.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_args(args: &Args) -> anyhow::Result<()> {
+    let options = OpenOptions { read_only: args.read_only, chunk_size: args.chunk_size };
+    let url = args.backend.clone();
+    run(&args.config(), move || backend_url::open(&url, &options))
+}
+
+/// Runs a server until SIGINT or SIGTERM: checks the flags, binds the listeners, then calls
+/// `open_backend` (so nothing is created or deleted when the flags or addresses are wrong), and
+/// serves. Returns after a clean shutdown (requests finished, backend flushed).
+///
+/// # Errors
+/// Bad flags, addresses that cannot be bound, a backend that cannot be opened, a failed final
+/// flush.
+pub fn run(config: &Config, open_backend: impl FnOnce() -> anyhow::Result<Opened>) -> anyhow::Result<()> {
+    if config.listen.is_none() && config.unix.is_none() {
+        bail!("nothing to serve on: give --listen ADDR, --unix PATH or both");
+    }
+    let security = config.common.security.resolve(config.listen.is_some())?;
+    let chunk_size = u32::try_from(config.chunk_size)
+        .ok()
+        .filter(|&c| c > 0)
+        .ok_or_else(|| anyhow!("the chunk size must be between 1 byte and 4 GiB"))?;
+    let max_request = u32::try_from(config.common.max_request)
+        .ok()
+        .filter(|&m| m >= MIN_MAX_REQUEST)
+        .ok_or_else(|| anyhow!("the maximum request must be between {MIN_MAX_REQUEST} bytes and 4 GiB"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("r3map-serve")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, security, chunk_size, max_request, open_backend))
+}
+
+async fn serve(
+    config: &Config,
+    security: Security,
+    chunk_size: u32,
+    max_request: u32,
+    open_backend: impl FnOnce() -> anyhow::Result<Opened>,
+) -> anyhow::Result<()> {
+    // Catch the signals before anything else, so one that arrives during start-up is not fatal.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+
+    let tcp = match &config.listen {
+        Some(addr) => Some(bind_tcp(addr).await?),
+        None => None,
+    };
+    let (unix, socket_file) = match &config.unix {
+        Some(path) => {
+            let (listener, file) = SocketFile::bind(path)?;
+            (Some(listener), Some(file))
+        }
+        None => (None, None),
+    };
+    let metrics = match &config.common.metrics {
+        Some(addr) => Some(install_metrics(addr)?),
+        None => None,
+    };
+
+    let opened = open_backend()?;
+    let (export, summary) = export(config, opened, chunk_size)?;
+    let mut server_config = ServerConfig::new(export, security.server.clone());
+    server_config.token.clone_from(&security.token);
+    server_config.max_request = max_request;
+    let server = Server::new(server_config).context("cannot set up the server")?;
+
+    let mut line = format!("serving {summary}");
+    let mut places = Vec::new();
+    if let Some(l) = &tcp {
+        let addr = l.local_addr().context("cannot read the listening address")?;
+        places.push(format!("{addr} [{}]", security.tcp_mode()));
+        warn_about(&security, addr);
+    }
+    if let Some(path) = &config.unix {
+        let token = if security.token.is_some() { "token" } else { "no token" };
+        places.push(format!("unix:{} [{token}]", path.display()));
+    }
+    let _ = write!(line, " on {}", places.join(" and "));
+    if let Some(addr) = metrics {
+        let _ = write!(line, "; metrics at http://{addr}/metrics");
+    }
+    // Not `println!`: a closed standard output must not bring a running server down.
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let first = next_signal(&mut sigint, &mut sigterm).await;
+        tracing::info!(
+            "{}: stopping: no new connections, finishing the requests in flight, then flushing \
+             (send it again to exit at once)",
+            first.0
+        );
+        let _ = stop_tx.send(true);
+        let second = next_signal(&mut sigint, &mut sigterm).await;
+        tracing::error!("{} again: exiting at once, without finishing requests or flushing", second.0);
+        std::process::exit(second.1);
+    });
+
+    let serve_tcp = async {
+        match tcp {
+            Some(listener) => server.serve_tcp(listener, stopped(stop_rx.clone())).await,
+            None => Ok(()),
+        }
+    };
+    let serve_unix = async {
+        match unix {
+            Some(listener) => server.serve_unix(listener, stopped(stop_rx.clone())).await,
+            None => Ok(()),
+        }
+    };
+    let (tcp_result, unix_result) = tokio::join!(serve_tcp, serve_unix);
+    drop(socket_file);
+    tcp_result.and(unix_result).context("the final flush of the backend failed")?;
+    tracing::info!("stopped: every request in flight finished and the backend is flushed");
+    Ok(())
+}
+
+/// Wraps the backend as the flags say and describes the export.
+fn export(config: &Config, opened: Opened, chunk_size: u32) -> anyhow::Result<(Export, String)> {
+    let cs = u64::from(chunk_size);
+    let size = opened.backend.size();
+    let mut backend: SharedBackend = opened.backend;
+    let mut traits = vec![format!("{} chunks", human(cs))];
+    if config.chunking {
+        backend = Arc::new(Aligned::new(Chunked::new(backend, cs)?, cs)?);
+        traits.push("server-side chunking".to_owned());
+    }
+    let mut export = if config.seeder {
+        let tracked = Arc::new(Tracked::new(backend, cs)?);
+        traits.push("migration source".to_owned());
+        Export::new(config.export.clone(), tracked.clone()).with_seeder(tracked)
+    } else {
+        Export::new(config.export.clone(), backend)
+    };
+    export = export.with_chunk_size(chunk_size);
+    if config.read_only {
+        export = export.read_only();
+        traits.push("read-only".to_owned());
+    } else {
+        traits.push("read-write".to_owned());
+    }
+    let summary = format!(
+        "export '{}': {} of {} ({})",
+        config.export,
+        human(size),
+        opened.description,
+        traits.join(", ")
+    );
+    Ok((export, summary))
+}
+
+fn warn_about(security: &Security, addr: SocketAddr) {
+    let open = security.token.is_none() && !security.client_certs;
+    match security.server {
+        ServerSecurity::Plaintext if open => tracing::warn!(
+            %addr,
+            "plaintext without a token: anyone who can reach this address can read and write the export"
+        ),
+        ServerSecurity::Plaintext if security.token.is_some() => {
+            tracing::warn!(%addr, "plaintext: the token and the data cross the network unencrypted");
+        }
+        ServerSecurity::Tls(_) if open => tracing::warn!(
+            %addr,
+            "TLS without a token or client certificates: anyone who can reach this address can read and \
+             write the export (add --token-file or --tls-client-ca)"
+        ),
+        _ => {}
+    }
+}
+
+/// Waits for SIGINT or SIGTERM; returns its name and the exit code for a second one.
+async fn next_signal(sigint: &mut Signal, sigterm: &mut Signal) -> (&'static str, i32) {
+    tokio::select! {
+        _ = sigint.recv() => ("SIGINT", 130),
+        _ = sigterm.recv() => ("SIGTERM", 143),
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Parses `:PORT` (every interface) or anything `ToSocketAddrs` takes, returning the addresses to
+/// try in order.
+fn addresses(addr: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    if let Some(port) = addr.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| anyhow!("'{addr}' has no valid port"))?;
+        return Ok(vec![(Ipv6Addr::UNSPECIFIED, port).into(), (Ipv4Addr::UNSPECIFIED, port).into()]);
+    }
+    let found: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .with_context(|| {
+            format!("'{addr}' is not an address to listen on (use HOST:PORT, [IPV6]:PORT or :PORT)")
+        })?
+        .collect();
+    if found.is_empty() {
+        bail!("'{addr}' resolves to no address");
+    }
+    Ok(found)
+}
+
+async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
+    let mut last = None;
+    for a in addresses(addr)? {
+        match TcpListener::bind(a).await {
+            Ok(l) => return Ok(l),
+            // Another server has the port: trying another address family would only hide that.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(e).with_context(|| format!("cannot listen on {addr}: the port is in use"));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no address"), anyhow::Error::from))
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+fn install_metrics(addr: &str) -> anyhow::Result<SocketAddr> {
+    let mut last = None;
+    for a in addresses(addr)? {
+        match metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(a).install() {
+            Ok(()) => {
+                tracing::debug!(%a, "serving metrics");
+                return Ok(a);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no address"), anyhow::Error::from))
+        .with_context(|| format!("cannot serve metrics on {addr}"))
+}
+
+/// The file of a bound Unix socket, removed when this is dropped (when the server stops).
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+}
+
+impl SocketFile {
+    /// Binds `path`, replacing a stale socket file but nothing else.
+    fn bind(path: &Path) -> anyhow::Result<(UnixListener, Self)> {
+        let shown = path.display();
+        if let Ok(meta) = fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!("{shown} exists and is not a socket; refusing to replace it");
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("another server is listening on {shown}");
+            }
+            fs::remove_file(path).with_context(|| format!("cannot remove the stale socket {shown}"))?;
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("cannot listen on the Unix socket {shown}"))?;
+        Ok((listener, Self { path: path.to_owned() }))
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        let all = addresses(":1337").unwrap();
+        assert_eq!(all[0], "[::]:1337".parse().unwrap());
+        assert_eq!(all[1], "0.0.0.0:1337".parse().unwrap());
+        assert_eq!(addresses("127.0.0.1:9").unwrap(), vec!["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(addresses("[::1]:9").unwrap(), vec!["[::1]:9".parse().unwrap()]);
+        assert!(addresses(":http").unwrap_err().to_string().contains("no valid port"));
+        assert!(addresses("nonsense").unwrap_err().to_string().contains("not an address"));
+    }
+
+    fn security() -> SecurityArgs {
+        SecurityArgs {
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            token: None,
+            token_file: None,
+            insecure_plaintext: false,
+        }
+    }
+
+    #[test]
+    fn tcp_needs_a_security_choice() {
+        let e = security().resolve(true).unwrap_err().to_string();
+        assert!(
+            e.contains("--tls-cert") && e.contains("--insecure-plaintext") && e.contains("--unix"),
+            "{e}"
+        );
+        // A Unix socket alone needs none.
+        assert!(matches!(security().resolve(false).unwrap().server, ServerSecurity::Plaintext));
+        let plain = SecurityArgs { insecure_plaintext: true, token: Some("t".into()), ..security() };
+        let s = plain.resolve(true).unwrap();
+        assert_eq!(s.tcp_mode(), "plaintext, token");
+    }
+
+    #[test]
+    fn tokens_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        fs::write(&path, "s3cret\n").unwrap();
+        let args = SecurityArgs { insecure_plaintext: true, token_file: Some(path.clone()), ..security() };
+        assert_eq!(args.resolve(true).unwrap().token.as_deref(), Some("s3cret"));
+        fs::write(&path, "\n").unwrap();
+        assert!(args.resolve(true).unwrap_err().to_string().contains("token is empty"));
+        let missing = SecurityArgs { token_file: Some(dir.path().join("nope")), ..args };
+        assert!(missing.resolve(true).unwrap_err().to_string().contains("cannot read the token file"));
+    }
+
+    #[test]
+    fn bad_tls_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        fs::write(&cert, "not pem").unwrap();
+        let args = SecurityArgs { tls_cert: Some(cert.clone()), tls_key: Some(cert), ..security() };
+        let e = format!("{:#}", args.resolve(true).unwrap_err());
+        assert!(e.contains("cert.pem"), "{e}");
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced_and_other_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = runtime.enter();
+        let path = dir.path().join("sock");
+        let (listener, file) = SocketFile::bind(&path).unwrap();
+        let e = SocketFile::bind(&path).err().unwrap().to_string();
+        assert!(e.contains("another server is listening"), "{e}");
+        // A socket nobody listens on any more is stale.
+        drop(listener);
+        std::mem::forget(file);
+        assert!(path.exists());
+        let second = SocketFile::bind(&path).unwrap();
+        drop(second);
+        assert!(!path.exists());
+        let file = dir.path().join("file");
+        fs::write(&file, "keep").unwrap();
+        assert!(SocketFile::bind(&file).err().unwrap().to_string().contains("not a socket"));
+        assert_eq!(fs::read_to_string(&file).unwrap(), "keep");
+    }
+}

@@ -1,0 +1,534 @@
+//! `r3map serve`, `r3map certs` and `ram-ul` as processes, used by an r3map client: every
+//! transport, credentials, metrics, a clean Ctrl-C, and a server killed with SIGKILL mid-transfer.
+
+use std::fs;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use r3map_core::Backend;
+use r3map_core::Seeder as _;
+use r3map_net::RemoteBackend;
+
+const R3MAP: &str = env!("CARGO_BIN_EXE_r3map");
+const RAM_UL: &str = env!("CARGO_BIN_EXE_ram-ul");
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A child process that is killed and reaped when dropped, whatever happened; its standard error
+/// goes to a file that is printed when the test failed.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+    /// The line it printed when it was ready.
+    ready: String,
+}
+
+impl Proc {
+    /// Starts `bin args` and waits for its "serving ..." line.
+    fn start(bin: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
+        let log = dir.join(format!("server-{}.log", fastrand::u32(..)));
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env_remove("R3MAP_TOKEN")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proc = Self { child, log, ready: String::new() };
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.starts_with("serving ") => {
+                    proc.ready = line;
+                    return proc;
+                }
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = proc.child.wait().unwrap();
+                    panic!("{bin} {args:?} exited ({status}) before serving:\n{}", proc.stderr());
+                }
+            }
+            assert!(Instant::now() < deadline, "{bin} {args:?} did not start in time:\n{}", proc.stderr());
+        }
+    }
+
+    /// The TCP address from the ready line (`... on 127.0.0.1:PORT [...]`).
+    fn tcp(&self) -> String {
+        let (_, after) = self.ready.rsplit_once(") on ").expect("a TCP address in the ready line");
+        after.split(' ').next().unwrap().to_owned()
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Sends SIGINT (like Ctrl-C).
+    fn interrupt(&self) {
+        let status = Command::new("kill").args(["-INT", &self.pid()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself.
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the process did not exit in time:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- standard error of the server ---\n{}", self.stderr());
+        }
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// Writes, reads back and flushes a pattern that crosses chunk boundaries at odd offsets.
+fn round_trip(client: &RemoteBackend, seed: u64) -> (u64, Vec<u8>) {
+    let off = 4096 * 3 + 17;
+    let data = pattern(seed, 200_000);
+    client.write_at(&data, off).unwrap();
+    let mut back = vec![0u8; data.len()];
+    client.read_at(&mut back, off).unwrap();
+    assert!(back == data, "read back different data");
+    client.flush().unwrap();
+    (off, data)
+}
+
+fn run(bin: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin).args(args).env_remove("R3MAP_TOKEN").env("RUST_BACKTRACE", "0").output().unwrap()
+}
+
+#[test]
+fn plaintext_tcp_is_refused_without_the_flag_and_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x");
+    let url = format!("file://{}?size=1MiB", path.display());
+    let out = run(R3MAP, &["serve", &url, "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for w in ["refusing to serve TCP", "--tls-cert", "--insecure-plaintext", "--unix", "r3map certs"] {
+        assert!(err.contains(w), "{w:?} missing from:\n{err}");
+    }
+    assert!(!path.exists(), "the backend was created before the flags were checked");
+    // ram-ul asks for the same choice.
+    let out = run(RAM_UL, &["--backend", "memory", "--size", "1MiB", "--addr", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--insecure-plaintext"));
+}
+
+#[test]
+fn plaintext_round_trip_and_ctrl_c_flushes_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let url = format!("file://{}?size=4MiB", path.display());
+    let mut server = Proc::start(
+        R3MAP,
+        &["serve", &url, "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+        dir.path(),
+        &[],
+    );
+    assert!(
+        server.ready.contains("4.0 MiB") && server.ready.contains("plaintext, no token"),
+        "{}",
+        server.ready
+    );
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    assert_eq!(client.size(), 4 << 20);
+    let (off, data) = round_trip(&client, 1);
+    // A last write without a flush, and a connection left open: Ctrl-C must still stop the server
+    // promptly, after flushing.
+    client.write_at(b"last words", 0).unwrap();
+    server.interrupt();
+    let status = server.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status}:\n{}", server.stderr());
+    let log = server.stderr();
+    assert!(log.contains("SIGINT") && log.contains("backend is flushed"), "{log}");
+    let file = fs::read(&path).unwrap();
+    assert_eq!(&file[..10], b"last words");
+    let off = usize::try_from(off).unwrap();
+    assert!(file[off..off + data.len()] == data[..]);
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Proc::start(
+        R3MAP,
+        &["serve", "memory:1MiB", "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+        dir.path(),
+        &[],
+    );
+    // A client that connects and never says hello: the server waits for it when shutting down.
+    let _silent = TcpStream::connect(server.tcp()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    server.interrupt();
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = server.child.try_wait().unwrap() {
+        // The server no longer waits for silent clients: nothing left to interrupt.
+        assert!(status.success(), "{status}");
+        return;
+    }
+    server.interrupt();
+    let status = server.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(server.stderr().contains("again: exiting at once"), "{}", server.stderr());
+}
+
+#[test]
+fn tls_with_certificates_from_r3map_certs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let pki_s = pki.display().to_string();
+    let out = run(R3MAP, &["certs", "--out", &pki_s, "--client", "alice", "--server-name", "127.0.0.1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("--tls-client-ca") && printed.contains("r3map://127.0.0.1:1337/default?ca="),
+        "{printed}"
+    );
+    // Refuses to overwrite.
+    let again = run(R3MAP, &["certs", "--out", &pki_s]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let p = |f: &str| pki.join(f).display().to_string();
+    let token = dir.path().join("token");
+    fs::write(&token, "sesame\n").unwrap();
+    let server = Proc::start(
+        R3MAP,
+        &[
+            "serve",
+            "memory:8MiB",
+            "--listen",
+            "127.0.0.1:0",
+            "--export",
+            "disk",
+            "--tls-cert",
+            &p("server.pem"),
+            "--tls-key",
+            &p("server-key.pem"),
+            "--tls-client-ca",
+            &p("ca.pem"),
+            "--token-file",
+            &token.display().to_string(),
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(server.ready.contains("TLS 1.3, client certificates, token"), "{}", server.ready);
+    let base = format!("r3map://{}/disk?ca={}&token=sesame", server.tcp(), p("ca.pem"));
+    let client = RemoteBackend::open(&format!(
+        "{base}&cert={}&key={}",
+        p("client-alice.pem"),
+        p("client-alice-key.pem")
+    ))
+    .unwrap();
+    assert_eq!(client.size(), 8 << 20);
+    round_trip(&client, 2);
+    // Without a client certificate, or with the wrong token, nobody gets in.
+    assert!(RemoteBackend::open(&base).is_err());
+    let wrong = format!(
+        "r3map://{}/disk?ca={}&token=open&cert={}&key={}",
+        server.tcp(),
+        p("ca.pem"),
+        p("client-alice.pem"),
+        p("client-alice-key.pem")
+    );
+    let err = RemoteBackend::open(&wrong).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+}
+
+#[test]
+fn unix_socket_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("r3map.sock");
+    let socket_s = socket.display().to_string();
+    let mut server = Proc::start(R3MAP, &["serve", "memory:2MiB", "--unix", &socket_s], dir.path(), &[]);
+    assert!(
+        server.ready.contains(&format!("unix:{socket_s}")) && !server.ready.contains(":1337"),
+        "{}",
+        server.ready
+    );
+    let client = RemoteBackend::open(&format!("r3map+unix:///default?socket={socket_s}")).unwrap();
+    assert_eq!(client.size(), 2 << 20);
+    round_trip(&client, 3);
+    server.interrupt();
+    assert!(server.wait(Duration::from_secs(20)).success());
+    assert!(!socket.exists(), "the socket file was left behind");
+}
+
+#[test]
+fn wrong_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::start(
+        R3MAP,
+        &["serve", "memory:1MiB", "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+        dir.path(),
+        &[("R3MAP_TOKEN", "right")],
+    );
+    assert!(server.ready.contains("plaintext, token"), "{}", server.ready);
+    let url = format!("r3map+plain://{}/default", server.tcp());
+    for bad in [format!("{url}?token=wrong"), url.clone()] {
+        let err = RemoteBackend::open(&bad).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+        assert!(err.to_string().contains("token"), "{err}");
+    }
+    round_trip(&RemoteBackend::open(&format!("{url}?token=right")).unwrap(), 4);
+}
+
+#[test]
+fn read_only_and_seeder_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro");
+    fs::write(&path, vec![9u8; 8192]).unwrap();
+    let url = format!("file://{}", path.display());
+    let ro = Proc::start(
+        R3MAP,
+        &["serve", &url, "--read-only", "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+        dir.path(),
+        &[],
+    );
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", ro.tcp())).unwrap();
+    assert_eq!(client.write_at(&[1], 0).unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+    let mut buf = [0u8; 4];
+    client.read_at(&mut buf, 8000).unwrap();
+    assert_eq!(buf, [9; 4]);
+
+    let seeder = Proc::start(
+        R3MAP,
+        &[
+            "serve",
+            "memory:1MiB",
+            "--seeder",
+            "--chunking",
+            "--chunk-size",
+            "4KiB",
+            "--insecure-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(seeder.ready.contains("migration source") && seeder.ready.contains("server-side chunking"));
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", seeder.tcp())).unwrap();
+    assert_eq!(client.info().chunk_size, 4096);
+    client.track().unwrap();
+    client.write_at(&[1u8; 5000], 4096 * 3 + 1).unwrap();
+    assert_eq!(client.sync().unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 4]);
+}
+
+#[test]
+fn metrics_are_served_for_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let server = Proc::start(
+        R3MAP,
+        &["serve", "memory:1MiB", "--insecure-plaintext", "--listen", "127.0.0.1:0", "--metrics", &metrics],
+        dir.path(),
+        &[],
+    );
+    assert!(server.ready.contains(&format!("metrics at http://{metrics}/metrics")), "{}", server.ready);
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    round_trip(&client, 5);
+    let mut http = TcpStream::connect(&metrics).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    http.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    for w in [
+        "r3map_server_requests_total{op=\"read\"}",
+        "r3map_server_requests_total{op=\"write\"}",
+        "r3map_server_connections_total",
+    ] {
+        assert!(response.contains(w), "{w:?} missing from:\n{response}");
+    }
+}
+
+/// The server dies with SIGKILL while a client reads and rewrites data it wrote and flushed
+/// before; the server comes back on the same port and file, and the client carries on through
+/// its reconnection with every read correct.
+#[test]
+fn sigkill_mid_transfer_loses_nothing_that_was_flushed() {
+    const BLOCK: usize = 1 << 20;
+    const BLOCKS: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}?size=64MiB", dir.path().join("x").display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = ["serve", url.as_str(), "--insecure-plaintext", "--listen", listen.as_str()];
+    let mut server = Proc::start(R3MAP, &args, dir.path(), &[]);
+    let client =
+        Arc::new(RemoteBackend::open(&format!("r3map+plain://{listen}/default?timeout=30")).unwrap());
+    assert_eq!(client.size(), 64 << 20);
+    let block = |i: u64| pattern(100 + i, BLOCK);
+    for i in 0..BLOCKS {
+        client.write_at(&block(i), i * BLOCK as u64).unwrap();
+    }
+    client.flush().unwrap();
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (client, progress, restarted) =
+            (Arc::clone(&client), Arc::clone(&progress), Arc::clone(&restarted));
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut buf = vec![0u8; BLOCK];
+            let mut rounds_after_restart = 0;
+            while rounds_after_restart < 2 {
+                let after = restarted.load(Ordering::SeqCst);
+                for i in 0..BLOCKS {
+                    let off = i * BLOCK as u64;
+                    client.read_at(&mut buf, off).map_err(|e| format!("read of block {i}: {e}"))?;
+                    if buf != block(i) {
+                        return Err(format!("block {i} read back wrong"));
+                    }
+                    client.write_at(&block(i), off).map_err(|e| format!("rewrite of block {i}: {e}"))?;
+                    if i % 4 == 3 {
+                        client.flush().map_err(|e| format!("flush: {e}"))?;
+                    }
+                    progress.fetch_add(1, Ordering::SeqCst);
+                }
+                if after {
+                    rounds_after_restart += 1;
+                }
+            }
+            Ok(progress.load(Ordering::SeqCst))
+        })
+    };
+    // Kill it in the middle of the second round.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while progress.load(Ordering::SeqCst) < BLOCKS + 5 {
+        assert!(!worker.is_finished(), "the client stopped early");
+        assert!(Instant::now() < deadline, "the client made no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let at_kill = progress.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(server);
+    let _server = Proc::start(R3MAP, &args, dir.path(), &[]);
+    restarted.store(true, Ordering::SeqCst);
+    let done = worker.join().unwrap().unwrap();
+    assert!(done >= at_kill + 2 * BLOCKS, "{done} blocks done, {at_kill} at the kill");
+    let mut buf = vec![0u8; BLOCK];
+    for i in 0..BLOCKS {
+        client.read_at(&mut buf, i * BLOCK as u64).unwrap();
+        assert!(buf == block(i), "block {i} differs at the end");
+    }
+}
+
+#[test]
+fn ram_ul_serves_memory_of_the_right_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::start(
+        RAM_UL,
+        &["--backend", "memory", "--size", "8388608", "--addr", "127.0.0.1:0", "--insecure-plaintext"],
+        dir.path(),
+        &[],
+    );
+    assert!(server.ready.contains("8.0 MiB of memory") && server.ready.contains("server-side chunking"));
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    assert_eq!(client.size(), 8 << 20);
+    assert_eq!(client.info().chunk_size, 4096);
+    round_trip(&client, 6);
+}
+
+#[test]
+fn ram_ul_directory_and_file_backends_start_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunks = dir.path().join("chunks");
+    fs::create_dir(&chunks).unwrap();
+    fs::write(chunks.join("99"), "stale").unwrap();
+    let chunks_s = chunks.display().to_string();
+    let server = Proc::start(
+        RAM_UL,
+        &[
+            "--backend",
+            "directory",
+            "--location",
+            &chunks_s,
+            "--size",
+            "2MiB",
+            "--addr",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(!chunks.join("99").exists(), "the old location was not cleared");
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    assert_eq!(client.size(), 2 << 20);
+    round_trip(&client, 7);
+    assert!(chunks.join("3").exists() && chunks.join("51").exists(), "no chunk files were written");
+    drop(server);
+
+    // The file backend, with chunking off, replaces what the directory backend left.
+    let server = Proc::start(
+        RAM_UL,
+        &[
+            "--location",
+            &chunks_s,
+            "--size",
+            "1048576",
+            "--chunking=false",
+            "--addr",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(!server.ready.contains("chunking"), "{}", server.ready);
+    assert_eq!(fs::metadata(&chunks).unwrap().len(), 1 << 20);
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    assert_eq!(client.size(), 1 << 20);
+    round_trip(&client, 8);
+}
