@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
 use r3map_core::{Aligned, Backend as _, Chunked, SharedBackend, Tracked};
+use r3map_grpc::{GrpcExport, GrpcSecurity, ServerTls, TlsIdentity};
 use r3map_net::proto::MIN_MAX_REQUEST;
 use r3map_net::security::read_pem;
 use r3map_net::{Export, Server, ServerConfig, ServerSecurity, server_tls};
@@ -88,6 +89,12 @@ pub struct CommonArgs {
     /// connections) over HTTP on ADDR (HOST:PORT or :PORT), at /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Also serve the Go r3map's gRPC services on ADDR (HOST:PORT or :PORT): the mount service
+    /// (`com.pojtinger.felicitas.r3map.mount.v1.Backend`) and, with --seeder, the migration one
+    /// (`...migration.v1.Seeder`), so Go r3map peers and any gRPC client can use the export.
+    /// gRPC clients send no token: it needs TLS with --tls-client-ca, or --insecure-plaintext.
+    #[arg(long, value_name = "ADDR")]
+    pub grpc: Option<String>,
     #[command(flatten)]
     pub security: SecurityArgs,
 }
@@ -173,6 +180,32 @@ impl SecurityArgs {
     }
 }
 
+impl SecurityArgs {
+    /// The gRPC listener's security: the same certificate, and client certificates, since gRPC
+    /// clients cannot send a token.
+    ///
+    /// # Errors
+    /// TLS without client certificates and without --insecure-plaintext; unreadable PEM.
+    pub fn grpc(&self) -> anyhow::Result<GrpcSecurity> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let Some(ca) = &self.tls_client_ca else {
+                    bail!(
+                        "--grpc needs --tls-client-ca: gRPC clients send no token, so they must be \
+                         authenticated by certificate (or use --insecure-plaintext on a trusted network)"
+                    );
+                };
+                Ok(GrpcSecurity::Tls(ServerTls {
+                    identity: TlsIdentity::from_pem(read_pem(cert)?, read_pem(key)?),
+                    client_ca_pem: Some(read_pem(ca)?),
+                }))
+            }
+            _ if self.insecure_plaintext => Ok(GrpcSecurity::Plaintext),
+            _ => bail!("--grpc needs TLS (--tls-cert, --tls-key, --tls-client-ca) or --insecure-plaintext"),
+        }
+    }
+}
+
 impl Security {
     /// `TLS 1.3, client certificates, token`, `plaintext, no token`, ...
     fn tcp_mode(&self) -> String {
@@ -244,6 +277,7 @@ pub fn run(config: &Config, open_backend: impl FnOnce() -> anyhow::Result<Opened
         bail!("nothing to serve on: give --listen ADDR, --unix PATH or both");
     }
     let security = config.common.security.resolve(config.listen.is_some())?;
+    let grpc_security = config.common.grpc.as_ref().map(|_| config.common.security.grpc()).transpose()?;
     let chunk_size = u32::try_from(config.chunk_size)
         .ok()
         .filter(|&c| c > 0)
@@ -257,12 +291,13 @@ pub fn run(config: &Config, open_backend: impl FnOnce() -> anyhow::Result<Opened
         .thread_name("r3map-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, security, chunk_size, max_request, open_backend))
+    runtime.block_on(serve(config, security, grpc_security, chunk_size, max_request, open_backend))
 }
 
 async fn serve(
     config: &Config,
     security: Security,
+    grpc_security: Option<GrpcSecurity>,
     chunk_size: u32,
     max_request: u32,
     open_backend: impl FnOnce() -> anyhow::Result<Opened>,
@@ -282,6 +317,10 @@ async fn serve(
         }
         None => (None, None),
     };
+    let grpc = match &config.common.grpc {
+        Some(addr) => Some(bind_tcp(addr).await?),
+        None => None,
+    };
     let metrics = match &config.common.metrics {
         Some(addr) => Some(install_metrics(addr)?),
         None => None,
@@ -289,6 +328,14 @@ async fn serve(
 
     let opened = open_backend()?;
     let (export, summary) = export(config, opened, chunk_size)?;
+    let grpc_export = grpc_security.map(|security| GrpcExport {
+        backend: Arc::clone(&export.backend),
+        seeder: export.seeder.clone(),
+        max_read: u64::from(max_request),
+        read_only: export.read_only,
+        security,
+        shutdown_grace: r3map_grpc::DEFAULT_SHUTDOWN_GRACE,
+    });
     let mut server_config = ServerConfig::new(export, security.server.clone());
     server_config.token.clone_from(&security.token);
     server_config.max_request = max_request;
@@ -304,6 +351,10 @@ async fn serve(
     if let Some(path) = &config.unix {
         let token = if security.token.is_some() { "token" } else { "no token" };
         places.push(format!("unix:{} [{token}]", path.display()));
+    }
+    if let Some(l) = &grpc {
+        let addr = l.local_addr().context("cannot read the gRPC listening address")?;
+        places.push(format!("gRPC {addr}"));
     }
     let _ = write!(line, " on {}", places.join(" and "));
     if let Some(addr) = metrics {
@@ -338,9 +389,17 @@ async fn serve(
             None => Ok(()),
         }
     };
-    let (tcp_result, unix_result) = tokio::join!(serve_tcp, serve_unix);
+    let serve_grpc = async {
+        match (grpc, grpc_export) {
+            (Some(listener), Some(export)) => {
+                r3map_grpc::serve(listener, export, stopped(stop_rx.clone())).await
+            }
+            _ => Ok(()),
+        }
+    };
+    let (tcp_result, unix_result, grpc_result) = tokio::join!(serve_tcp, serve_unix, serve_grpc);
     drop(socket_file);
-    tcp_result.and(unix_result).context("the final flush of the backend failed")?;
+    tcp_result.and(unix_result).and(grpc_result).context("the final flush of the backend failed")?;
     tracing::info!("stopped: every request in flight finished and the backend is flushed");
     Ok(())
 }

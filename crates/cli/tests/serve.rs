@@ -532,3 +532,68 @@ fn ram_ul_directory_and_file_backends_start_afresh() {
     assert_eq!(client.size(), 1 << 20);
     round_trip(&client, 8);
 }
+
+#[test]
+fn grpc_serves_the_go_services_beside_the_native_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let grpc_port = free_port().to_string();
+    let grpc_addr = format!("127.0.0.1:{grpc_port}");
+    let server = Proc::start(
+        R3MAP,
+        &[
+            "serve",
+            "memory:1MiB",
+            "--seeder",
+            "--insecure-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            &grpc_addr,
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(server.ready.contains("gRPC 127.0.0.1"), "{}", server.ready);
+    let native = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    let endpoint = format!("http://{grpc_addr}");
+    let grpc = r3map_grpc::GrpcBackend::connect(&endpoint, 1 << 20, r3map_grpc::GrpcClientOptions::default())
+        .unwrap();
+    // Writes through one protocol are read through the other.
+    grpc.write_at(&[3u8; 5000], 100).unwrap();
+    let mut buf = [0u8; 5000];
+    native.read_at(&mut buf, 100).unwrap();
+    assert_eq!(buf, [3u8; 5000]);
+    // The Seeder service is there too.
+    let seeder =
+        r3map_grpc::GrpcSeeder::connect(&endpoint, 64 * 1024, r3map_grpc::GrpcClientOptions::default())
+            .unwrap();
+    seeder.track().unwrap();
+    native.write_at(&[1], 70_000).unwrap();
+    assert_eq!(seeder.sync().unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), vec![1]);
+}
+
+#[test]
+fn grpc_over_tls_needs_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = run(R3MAP, &["certs", "--out", certs.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pem = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+    let out = run(
+        R3MAP,
+        &[
+            "serve",
+            "memory:1MiB",
+            "--tls-cert",
+            &pem("server.pem"),
+            "--tls-key",
+            &pem("server-key.pem"),
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc needs --tls-client-ca"));
+}
