@@ -30,8 +30,9 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "benchmark smoke run"
+log "benchmark smoke runs"
 cargo bench --locked -p r3map-core --bench pipeline -- --quick
+cargo bench --locked -p r3map-net --bench transport -- --quick
 
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast

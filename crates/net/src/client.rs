@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
 use crate::errno;
+use crate::frame_io::write_frame;
 use crate::pool::BufPool;
 use crate::proto::{
     self, ClientHello, ExportInfo, Op, REPLY_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
@@ -686,11 +687,8 @@ async fn write_requests(
         let payload = Arc::clone(&request.payload);
         pending.lock().expect("pending lock").insert(header.id, Request { header, ..request });
         let sent = async {
-            out.write_all(&header.encode()).await?;
-            if header.op == Op::Write {
-                out.write_all(&payload).await?;
-            }
-            io::Result::Ok(())
+            let body: &[u8] = if header.op == Op::Write { &payload } else { &[] };
+            write_frame(&mut out, &header.encode(), body).await
         };
         if let Err(e) = sent.await {
             return SessionEnd::Broken(e);

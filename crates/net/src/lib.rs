@@ -21,6 +21,7 @@
 pub mod certs;
 pub mod client;
 pub mod errno;
+mod frame_io;
 pub mod pool;
 pub mod proto;
 pub mod security;

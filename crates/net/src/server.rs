@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::errno;
+use crate::frame_io::write_frame;
 use crate::pool::BufPool;
 use crate::proto::{
     self, ClientHello, ExportInfo, Op, REQUEST_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
@@ -516,8 +517,7 @@ async fn write_replies(
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(256 * 1024, wr);
     while let Some(reply) = rx.recv().await {
-        out.write_all(&reply.header.encode()).await?;
-        out.write_all(&reply.payload).await?;
+        write_frame(&mut out, &reply.header.encode(), &reply.payload).await?;
         if reply.pooled {
             inner.pool.put(reply.payload);
         }
