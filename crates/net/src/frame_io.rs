@@ -9,7 +9,11 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 ///
 /// # Errors
 /// Any write error; `WriteZero` when the stream stops taking bytes.
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(out: &mut W, header: &[u8], payload: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    header: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
     let mut bufs = [IoSlice::new(header), IoSlice::new(payload)];
     let mut slices: &mut [IoSlice<'_>] = &mut bufs;
     while !slices.is_empty() {
