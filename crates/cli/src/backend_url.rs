@@ -28,6 +28,14 @@
 //! again with another size or chunk size is an error, since chunk files cut at one chunk size are
 //! garbage at another.
 //!
+//! # Remotes
+//! | URL | Backend |
+//! |---|---|
+//! | `r3map://HOST[:PORT]/EXPORT?ca=PATH[&token=T]...` | an r3map server over TLS ([`r3map_net::ClientOptions::from_url`]) |
+//! | `r3map+plain://HOST[:PORT]/EXPORT` | an r3map server over plaintext TCP |
+//! | `r3map+unix:///EXPORT?socket=PATH` | an r3map server on a Unix socket |
+//! | `grpc://HOST:PORT?size=SIZE` | a Go r3map (or our) gRPC `Backend` service, plaintext; the size is given since the service has no size call |
+//!
 //! Redis and S3 backends are not supported yet; their URLs get an error that says so.
 
 use std::collections::HashMap;
@@ -81,8 +89,14 @@ impl std::fmt::Debug for Opened {
     }
 }
 
-const FORMS: &str = "use memory:SIZE, file:///PATH[?size=SIZE[&truncate=true]] or \
-                     dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N]";
+const FORMS: &str = "use memory:SIZE, file:///PATH[?size=SIZE[&truncate=true]], \
+                     dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N], an r3map server \
+                     (r3map://, r3map+plain://, r3map+unix://) or grpc://HOST:PORT?size=SIZE";
+
+/// A URL without its query (which may hold a token).
+fn remote_name(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
+}
 
 /// Opens the backend a URL names; see the [module documentation](self) for the forms.
 ///
@@ -128,6 +142,28 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
             };
             params.finish()?;
             open_dir(&path, size, chunk_size, max_open)
+        }
+        "r3map" | "r3map+plain" | "r3map+unix" => {
+            let remote = r3map_net::RemoteBackend::open(url)?;
+            let description = format!("r3map server {}", remote_name(url));
+            Ok(Opened { backend: Arc::new(remote), description })
+        }
+        "grpc" => {
+            let parsed = url::Url::parse(url).map_err(|e| anyhow!("it is not a valid URL: {e}"))?;
+            let host = parsed
+                .host_str()
+                .ok_or_else(|| anyhow!("a gRPC URL needs a host: grpc://HOST:PORT?size=SIZE"))?;
+            let port = parsed.port().unwrap_or(r3map_net::client::DEFAULT_PORT);
+            let mut params =
+                Params(parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect());
+            let size = params.size()?.ok_or_else(|| {
+                anyhow!("a gRPC remote has no size call: add ?size=SIZE (the size the server exports)")
+            })?;
+            params.finish()?;
+            let endpoint = format!("http://{host}:{port}");
+            let remote =
+                r3map_grpc::GrpcBackend::connect(&endpoint, size, r3map_grpc::GrpcClientOptions::default())?;
+            Ok(Opened { backend: Arc::new(remote), description: format!("gRPC server {endpoint}") })
         }
         "redis" | "rediss" => bail!("Redis backends are not supported yet"),
         "s3" | "http" | "https" => bail!("S3 backends are not supported yet"),
@@ -459,5 +495,16 @@ mod tests {
         let e = err("ftp://example.com/x");
         assert!(e.contains("unknown backend type 'ftp'") && e.contains("memory:SIZE"), "{e}");
         assert!(err("nonsense").contains("not a backend URL"));
+    }
+
+    #[test]
+    fn remote_urls_name_what_is_missing() {
+        let opts = OpenOptions { read_only: false, chunk_size: 4096 };
+        let err = format!("{:#}", open("grpc://127.0.0.1:1", &opts).err().unwrap());
+        assert!(err.contains("?size=SIZE"), "{err}");
+        let err = format!("{:#}", open("r3map+plain://127.0.0.1:1/default", &opts).err().unwrap());
+        assert!(err.contains("127.0.0.1:1"), "{err}");
+        let err = format!("{:#}", open("r3map://127.0.0.1:1/default", &opts).err().unwrap());
+        assert!(err.contains("?ca=PATH"), "{err}");
     }
 }
