@@ -7,12 +7,14 @@
 //! - [`serve`]: `r3map serve` and the server behind `ram-ul`: listeners, security, metrics,
 //!   shutdown on signals.
 //! - [`certs`]: `r3map certs`, a private CA and the certificates for mutual TLS.
-//! - [`demo`]: `r3map demo`, the managed pipeline against a simulated remote.
+//! - [`mount`]: `r3map mount` and `r3map cleanup`.
+//! - [`demo`]: `r3map demo`, a managed mount of an embedded server, checked end to end.
 //! - [`units`]: sizes and durations on the command line.
 
 pub mod backend_url;
 pub mod certs;
 pub mod demo;
+pub mod mount;
 pub mod serve;
 pub mod units;
 

@@ -1,7 +1,7 @@
 //! `r3map`: mount, serve and migrate remote memory.
 
 use clap::{Parser, Subcommand};
-use r3map_cli::{certs, demo, init_logging, serve};
+use r3map_cli::{certs, demo, init_logging, mount, serve};
 
 /// Remote memory: mount any resource as local memory that is pulled lazily and in the background,
 /// pushed back in the background, and live-migrated between hosts.
@@ -17,11 +17,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the managed chunk pipeline against a simulated remote and check the result.
+    /// Mount an embedded server's memory (with a simulated latency) and check it end to end.
     ///
-    /// A "remote" memory backend behind a per-call delay is used through a managed stack
-    /// (lazy copy-on-read, background pull, background push) with random reads and writes;
-    /// then everything is pushed and the remote is compared with what was written.
+    /// An embedded r3map server serves memory behind a per-call delay; a managed FUSE mount of it
+    /// (lazy copy-on-read, background pull, background push) is used through its file and a
+    /// mapping with random reads and writes; then it is closed and the server's memory is compared
+    /// with everything written. Without root and /dev/fuse, or with --pipeline, the same managed
+    /// stack runs in-process.
     Demo(demo::Args),
     /// Serve a backend (memory, a file, a block device, a directory) to r3map clients.
     ///
@@ -37,6 +39,15 @@ enum Command {
     /// client-NAME-key.pem per --client (keys with mode 0600), then prints the serve command and the
     /// client URL to use them with.
     Certs(certs::Args),
+    /// Mount a remote (or any backend) as a local file, or a block device with --loop.
+    ///
+    /// Direct: every access goes to the remote. Managed (--managed): a local cache, chunks pulled on
+    /// first access and in the background, writes pushed in the background. Runs until SIGINT or
+    /// SIGTERM, then syncs, unmounts and pushes what is left; a second signal exits at once.
+    Mount(Box<mount::Args>),
+    /// Clean up after a crashed `r3map mount`: detach its loop devices and unmount the stale FUSE
+    /// mount ("Transport endpoint is not connected").
+    Cleanup(mount::CleanupArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Serve(args) => serve::run_args(&args),
         Command::Certs(args) => certs::run(&args),
+        Command::Mount(args) => mount::run(&args),
+        Command::Cleanup(args) => mount::cleanup(&args),
     }
 }

@@ -23,7 +23,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
-/// Parses a duration: a number with a unit `us`, `ms`, `s` or `m`.
+/// Parses a duration: a number with a unit `us`, `ms`, `s`, `m` or `h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -33,8 +33,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" | "µs" => Ok(Duration::from_micros(n)),
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
-        "m" | "min" => Ok(Duration::from_secs(n * 60)),
-        other => Err(format!("unknown duration unit '{other}' in '{s}' (use us, ms, s or m)")),
+        "m" | "min" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        other => Err(format!("unknown duration unit '{other}' in '{s}' (use us, ms, s, m or h)")),
     }
 }
 
@@ -69,7 +70,8 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("40ms"), Ok(Duration::from_millis(40)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("3h").is_err());
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("3d").is_err());
     }
 
     #[test]

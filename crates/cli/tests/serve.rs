@@ -56,7 +56,7 @@ impl Proc {
         let deadline = Instant::now() + STARTUP;
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.starts_with("serving ") => {
+                Ok(line) if line.starts_with("serving ") || line.starts_with("mounted ") => {
                     proc.ready = line;
                     return proc;
                 }
@@ -596,4 +596,98 @@ fn grpc_over_tls_needs_client_certificates() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc needs --tls-client-ca"));
+}
+
+fn can_mount() -> bool {
+    let root = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    root && Path::new("/dev/fuse").exists()
+}
+
+#[test]
+fn sigint_during_writes_to_a_mount_loses_no_fsynced_data() {
+    if !can_mount() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    const BLOCK: usize = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let url = format!("file://{}?size=16MiB", data.display());
+    let server = Proc::start(
+        R3MAP,
+        &["serve", &url, "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+        dir.path(),
+        &[],
+    );
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let remote = format!("r3map+plain://{}/default", server.tcp());
+    let mnt_arg = mnt.to_str().unwrap();
+    let mut mount = Proc::start(
+        R3MAP,
+        &["mount", &remote, mnt_arg, "--managed", "--push-interval", "1h"],
+        dir.path(),
+        &[],
+    );
+
+    // Write blocks and fsync each; interrupt the mount in the middle of the writing.
+    let file = fs::OpenOptions::new().read(true).write(true).open(mnt.join("r3map")).unwrap();
+    let mut fsynced = 0;
+    for i in 0..48 {
+        let block = pattern(500 + i as u64, BLOCK);
+        if std::os::unix::fs::FileExt::write_all_at(&file, &block, (i * BLOCK) as u64).is_err() {
+            break;
+        }
+        if file.sync_all().is_err() {
+            break;
+        }
+        fsynced = i + 1;
+        if i == 20 {
+            mount.interrupt();
+        }
+    }
+    drop(file);
+    assert!(fsynced > 20, "the first 21 blocks were written and fsynced before the interrupt");
+    assert!(
+        mount.wait(Duration::from_secs(60)).success(),
+        "the mount exits 0 on SIGINT:\n{}",
+        mount.stderr()
+    );
+
+    // Everything fsynced is at the server.
+    let client = RemoteBackend::open(&remote).unwrap();
+    let mut back = vec![0u8; BLOCK];
+    for i in 0..fsynced {
+        client.read_at(&mut back, (i * BLOCK) as u64).unwrap();
+        assert!(back == pattern(500 + i as u64, BLOCK), "fsynced block {i} is missing at the server");
+    }
+}
+
+#[test]
+fn cleanup_detaches_a_stale_mount() {
+    if !can_mount() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mnt_arg = mnt.to_str().unwrap();
+    let mut mount = Proc::start(R3MAP, &["mount", "memory:8MiB", mnt_arg, "--loop"], dir.path(), &[]);
+    assert!(mount.ready.contains("/dev/loop"), "{}", mount.ready);
+    // A crash: the mount stays behind, its file no longer answers.
+    mount.child.kill().unwrap();
+    mount.child.wait().unwrap();
+    let out = run(R3MAP, &["cleanup", mnt_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("detached /dev/loop") && said.contains("unmounted the stale mount"), "{said}");
+    assert_eq!(fs::read_dir(&mnt).unwrap().count(), 0, "the mount point is an empty directory again");
+    let out = run(R3MAP, &["cleanup", mnt_arg]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
 }

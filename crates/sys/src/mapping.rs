@@ -59,6 +59,18 @@ impl SharedMapping {
     }
 }
 
+/// Writes dirty pages back before unmapping. Unmapping a shared mapping with dirty pages of a FUSE
+/// file makes the kernel write them back while it holds the process's memory-map lock; if the same
+/// process serves that file and one of its FUSE workers needs the lock (to map memory for a new
+/// page, say), both wait for each other forever. Writing back first, outside the lock, leaves
+/// nothing to write at unmap time. Call [`SharedMapping::flush`] to see write-back errors: this one
+/// cannot report them.
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        let _ = self.map.flush();
+    }
+}
+
 impl Deref for SharedMapping {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -1,0 +1,448 @@
+//! [`Mount`]: a backend as a local file, a block device or a memory slice, direct or managed.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use r3map_core::pipeline::puller::{ByPriority, PullProgress, PullerOptions};
+use r3map_core::pipeline::pusher::{PushProgress, PusherOptions};
+use r3map_core::pipeline::synced::{ChunkHook, DEFAULT_CHUNK_SIZE, SyncedOptions};
+use r3map_core::{Backend, Chunk, Puller, Pusher, SharedBackend, Synced};
+use r3map_fuse::{FuseMount, FuseOptions};
+use r3map_sys::SharedMapping;
+
+use crate::loopdev::LoopDevice;
+
+/// A hook the mount calls at a point of its life (an application flushing its state, say).
+pub type Hook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
+
+/// The frontend that makes the backend visible to the system.
+#[derive(Debug, Clone)]
+pub enum Frontend {
+    /// A single-file FUSE filesystem (works on this kernel; a loop device makes it a block device).
+    Fuse(FuseOptions),
+}
+
+impl Default for Frontend {
+    fn default() -> Self {
+        Self::Fuse(FuseOptions::default())
+    }
+}
+
+/// Options common to direct and managed mounts.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    pub frontend: Frontend,
+    /// Attach a loop device to the mount's file, making it a block device.
+    pub loop_device: bool,
+}
+
+/// Options of a managed mount (local cache, background pull, background push), named as in the
+/// original r3map.
+pub struct ManagedOptions {
+    pub chunk_size: u64,
+    /// Pull in the background (the original's `PullWorkers > 0`).
+    pub pull: bool,
+    /// Background pull requests in flight.
+    pub pull_depth: usize,
+    /// Largest background pull request in bytes.
+    pub pull_request: u64,
+    /// Higher first; `None` pulls in ascending order. The argument is a chunk index.
+    pub pull_priority: Option<Box<dyn Fn(Chunk) -> i64 + Send + Sync>>,
+    /// Pull everything before the frontend is started.
+    pub pull_first: bool,
+    /// Push local writes to the remote (without it the mount is a local copy-on-write overlay).
+    pub push: bool,
+    pub push_depth: usize,
+    pub push_request: u64,
+    pub push_interval: Duration,
+}
+
+impl Default for ManagedOptions {
+    fn default() -> Self {
+        let pull = PullerOptions::default();
+        let push = PusherOptions::default();
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            pull: true,
+            pull_depth: pull.depth,
+            pull_request: pull.request_size,
+            pull_priority: None,
+            pull_first: false,
+            push: true,
+            push_depth: push.depth,
+            push_request: push.request_size,
+            push_interval: push.interval,
+        }
+    }
+}
+
+impl fmt::Debug for ManagedOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManagedOptions")
+            .field("chunk_size", &self.chunk_size)
+            .field("pull", &self.pull)
+            .field("pull_depth", &self.pull_depth)
+            .field("pull_request", &self.pull_request)
+            .field("pull_priority", &self.pull_priority.is_some())
+            .field("pull_first", &self.pull_first)
+            .field("push", &self.push)
+            .field("push_depth", &self.push_depth)
+            .field("push_request", &self.push_request)
+            .field("push_interval", &self.push_interval)
+            .finish()
+    }
+}
+
+/// Hooks of a mount, as in the original.
+#[derive(Default)]
+pub struct Hooks {
+    /// Before [`Mount::sync`] pushes (flush the application's own buffers here).
+    pub before_sync: Option<Hook>,
+    /// Before [`Mount::close`] tears the mount down.
+    pub before_close: Option<Hook>,
+    /// A chunk became local (pulled, or written whole).
+    pub on_chunk_local: Option<ChunkHook>,
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("before_sync", &self.before_sync.is_some())
+            .field("before_close", &self.before_close.is_some())
+            .field("on_chunk_local", &self.on_chunk_local.is_some())
+            .finish()
+    }
+}
+
+/// The managed part of a mount.
+struct Managed {
+    synced: Arc<Synced>,
+    puller: Option<Puller>,
+    pusher: Option<Arc<Pusher>>,
+}
+
+/// A mounted backend. See the crate docs.
+pub struct Mount {
+    fuse: Option<FuseMount>,
+    loop_device: Option<LoopDevice>,
+    managed: Option<Managed>,
+    served: SharedBackend,
+    hooks: Hooks,
+    opened_in: Duration,
+}
+
+impl fmt::Debug for Mount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mount")
+            .field("file", &self.fuse.as_ref().map(FuseMount::file_path))
+            .field("device", &self.loop_device)
+            .field("managed", &self.managed.is_some())
+            .field("opened_in", &self.opened_in)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mount {
+    /// A direct mount: every access goes to `remote`.
+    ///
+    /// # Errors
+    /// The frontend or the loop device could not be set up.
+    pub fn direct(
+        remote: SharedBackend,
+        mountpoint: &Path,
+        options: &MountOptions,
+        hooks: Hooks,
+    ) -> io::Result<Self> {
+        let started = Instant::now();
+        Self::start(remote, None, mountpoint, options, hooks, started)
+    }
+
+    /// A managed mount: `local` caches `remote` chunk by chunk; chunks are pulled on first access
+    /// and in the background, writes are pushed in the background. The background pull starts
+    /// before the frontend, so it runs while the frontend is being set up.
+    ///
+    /// # Errors
+    /// Bad options (a local backend smaller than the remote), a failed pull when `pull_first`, or
+    /// the frontend could not be set up.
+    pub fn managed(
+        remote: SharedBackend,
+        local: SharedBackend,
+        mountpoint: &Path,
+        options: &MountOptions,
+        managed: ManagedOptions,
+        hooks: Hooks,
+    ) -> io::Result<Self> {
+        let started = Instant::now();
+        let synced = Arc::new(Synced::new(
+            remote,
+            local,
+            SyncedOptions {
+                chunk_size: managed.chunk_size,
+                max_request: managed.pull_request.max(managed.chunk_size),
+                on_chunk_local: hooks.on_chunk_local.clone(),
+            },
+        )?);
+        let puller = if managed.pull {
+            let chunks = synced.geometry().chunks();
+            let order = managed.pull_priority.map(|p| {
+                Box::new(ByPriority::new(chunks, p)) as Box<dyn r3map_core::pipeline::puller::PullOrder>
+            });
+            Some(Puller::start(
+                Arc::clone(&synced),
+                PullerOptions {
+                    depth: managed.pull_depth,
+                    request_size: managed.pull_request,
+                    order,
+                    ..PullerOptions::default()
+                },
+            )?)
+        } else {
+            None
+        };
+        if managed.pull_first
+            && let Some(p) = &puller
+        {
+            p.wait()?;
+        }
+        let pusher = if managed.push {
+            Some(Arc::new(Pusher::start(
+                Arc::clone(&synced),
+                PusherOptions {
+                    interval: managed.push_interval,
+                    depth: managed.push_depth,
+                    request_size: managed.push_request,
+                    ..PusherOptions::default()
+                },
+            )?))
+        } else {
+            None
+        };
+        let served: SharedBackend = match &pusher {
+            Some(p) => Arc::clone(p) as SharedBackend,
+            None => Arc::clone(&synced) as SharedBackend,
+        };
+        let managed = Managed { synced, puller, pusher };
+        Self::start(served, Some(managed), mountpoint, options, hooks, started)
+    }
+
+    fn start(
+        served: SharedBackend,
+        managed: Option<Managed>,
+        mountpoint: &Path,
+        options: &MountOptions,
+        hooks: Hooks,
+        started: Instant,
+    ) -> io::Result<Self> {
+        let Frontend::Fuse(fuse_options) = &options.frontend;
+        let fuse = FuseMount::mount(Arc::clone(&served), mountpoint, fuse_options.clone())?;
+        let loop_device = if options.loop_device {
+            match LoopDevice::attach(
+                &fuse.file_path(),
+                fuse_options.read_only || served.capabilities().read_only,
+            ) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let _ = fuse.unmount();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Self { fuse: Some(fuse), loop_device, managed, served, hooks, opened_in: started.elapsed() })
+    }
+
+    /// How long opening took, frontend included.
+    #[must_use]
+    pub fn opened_in(&self) -> Duration {
+        self.opened_in
+    }
+
+    /// The mount's file (the FUSE file).
+    ///
+    /// # Panics
+    /// Never while the mount is open.
+    #[must_use]
+    pub fn file_path(&self) -> PathBuf {
+        self.fuse.as_ref().expect("mounted until closed").file_path()
+    }
+
+    /// The block device, when a loop device was asked for.
+    #[must_use]
+    pub fn device(&self) -> Option<&Path> {
+        self.loop_device.as_ref().map(LoopDevice::path)
+    }
+
+    /// The path to hand to applications: the block device if there is one, else the file.
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        self.device().map_or_else(|| self.file_path(), Path::to_path_buf)
+    }
+
+    /// Size of the mounted resource.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.served.size()
+    }
+
+    /// Opens the mount's path read-write (read-only for read-only backends).
+    ///
+    /// # Errors
+    /// The `open` error.
+    pub fn open_file(&self) -> io::Result<File> {
+        let writable = !self.served.capabilities().read_only;
+        OpenOptions::new().read(true).write(writable).open(self.path())
+    }
+
+    /// Maps the whole resource as a shared, writable slice. Writes reach the backend on
+    /// [`Mapping::flush`] (`msync`), on [`Mount::sync`], or when the kernel writes pages back.
+    ///
+    /// The FUSE frontend serves the mapping from this same process. The mapping writes its dirty
+    /// pages back before it is unmapped: unmapping dirty pages of a FUSE file makes the kernel
+    /// write them back under the process's memory-map lock, which a FUSE worker of this process may
+    /// need at the same moment (a deadlock, the FUSE form of the original's garbage-collector
+    /// one). Flush with [`Mapping::flush`] before dropping to see write-back errors.
+    ///
+    /// # Errors
+    /// An empty or read-only resource, or the `mmap` error.
+    // The one call into `r3map-sys`'s unsafe API outside that crate: only the mount knows the
+    // invariants (fixed size, the mount outliving the mapping) that make it sound.
+    #[allow(unsafe_code)]
+    pub fn map(&self) -> io::Result<Mapping<'_>> {
+        let file = OpenOptions::new().read(true).write(true).open(self.path())?;
+        let len = usize::try_from(self.size())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the resource is too large to map"))?;
+        // SAFETY: the mount file and the loop device have a fixed size (the frontend refuses size
+        // changes), and the returned `Mapping` borrows the mount, so the mount outlives the mapping.
+        let map = unsafe { SharedMapping::map(&file, len)? };
+        Ok(Mapping { map, _mount: self })
+    }
+
+    /// Pull and push progress of a managed mount.
+    #[must_use]
+    pub fn progress(&self) -> Option<(Option<PullProgress>, Option<PushProgress>)> {
+        self.managed
+            .as_ref()
+            .map(|m| (m.puller.as_ref().map(Puller::progress), m.pusher.as_ref().map(|p| p.progress())))
+    }
+
+    /// The managed mount's chunk state.
+    #[must_use]
+    pub fn synced(&self) -> Option<&Arc<Synced>> {
+        self.managed.as_ref().map(|m| &m.synced)
+    }
+
+    /// Blocks until the background pull is done (everything local).
+    ///
+    /// # Errors
+    /// The error that made the pull give up; `Unsupported` for a direct mount or without pull.
+    pub fn wait_pulled(&self) -> io::Result<()> {
+        match self.managed.as_ref().and_then(|m| m.puller.as_ref()) {
+            Some(p) => p.wait(),
+            None => Err(io::Error::new(io::ErrorKind::Unsupported, "this mount has no background pull")),
+        }
+    }
+
+    /// Makes everything written so far durable at the remote: the `before_sync` hook, the kernel's
+    /// dirty pages of the mount file, then (managed) a push of every dirty chunk and a flush of the
+    /// remote, or (direct) a flush of the backend.
+    ///
+    /// # Errors
+    /// A hook, writeback, push or flush error; nothing is lost locally, and a later sync retries.
+    pub fn sync(&self) -> io::Result<()> {
+        if let Some(hook) = &self.hooks.before_sync {
+            hook()?;
+        }
+        // fsync sends the page cache's dirty pages through the frontend, and the frontend flushes
+        // the served backend (the pusher's flush pushes everything dirty).
+        File::open(self.path())?.sync_all()?;
+        self.served.flush()
+    }
+
+    /// Syncs, runs `before_close`, detaches the loop device, unmounts, stops the pull and does the
+    /// final push.
+    ///
+    /// # Errors
+    /// The first error of those steps; the later steps still run.
+    pub fn close(mut self) -> io::Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> io::Result<()> {
+        let Some(fuse) = self.fuse.take() else { return Ok(()) };
+        let mut result = Ok(());
+        let mut keep = |r: io::Result<()>| {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "closing the mount");
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        };
+        if let Some(d) = &self.loop_device {
+            keep(File::open(d.path()).and_then(|f| f.sync_all()));
+        }
+        if let Some(hook) = &self.hooks.before_close {
+            keep(hook());
+        }
+        if let Some(d) = self.loop_device.take() {
+            keep(d.detach());
+        }
+        keep(fuse.unmount());
+        if let Some(m) = self.managed.take() {
+            if let Some(p) = m.puller {
+                p.close();
+            }
+            if let Some(p) = m.pusher {
+                match Arc::try_unwrap(p) {
+                    Ok(p) => keep(p.close()),
+                    Err(p) => keep(p.flush()),
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!(error = %e, "closing the mount on drop failed");
+        }
+    }
+}
+
+/// The mounted resource as memory: a shared mapping of the mount's file or device that cannot
+/// outlive the mount.
+#[derive(Debug)]
+pub struct Mapping<'m> {
+    map: SharedMapping,
+    _mount: &'m Mount,
+}
+
+impl Mapping<'_> {
+    /// Writes the dirty pages back through the mount (`msync`).
+    ///
+    /// # Errors
+    /// `EIO` when the backend failed.
+    pub fn flush(&self) -> io::Result<()> {
+        self.map.flush()
+    }
+}
+
+impl std::ops::Deref for Mapping<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Mapping<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+}
