@@ -9,6 +9,10 @@ log() { printf '\n==> %s\n' "$*"; }
 # System packages the tests use. Only installed when missing, so repeated runs are quick.
 need_pkgs=()
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
+# The mount benchmark's nbdfuse baseline.
+command -v nbdkit >/dev/null 2>&1 || need_pkgs+=(nbdkit)
+command -v nbdfuse >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
+command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_pkgs[*]}"
@@ -33,6 +37,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "benchmark smoke runs"
 cargo bench --locked -p r3map-core --bench pipeline -- --quick
 cargo bench --locked -p r3map-net --bench transport -- --quick
+cargo bench --locked -p r3map-mount --bench mount -- --quick
 
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -336,6 +336,10 @@ impl FuseMount {
             Ok(true) => {
                 match join_within(session, JOIN_TIMEOUT) {
                     Ok(Ok(())) => {}
+                    // A worker reading /dev/fuse while our own unmount tears the connection down
+                    // gets ECONNABORTED: that is the normal end here, not an error.
+                    Ok(Err(e)) if e.raw_os_error() == Some(rustix::io::Errno::CONNABORTED.raw_os_error()) => {
+                    }
                     Ok(Err(e)) => errors.note(annotate(&e, "the FUSE session ended with an error")),
                     Err(session) => {
                         let e = io::Error::new(

@@ -10,6 +10,9 @@
 //! (chunks invalidated by `mark_remote`, or left by a failed on-demand read). The puller is done
 //! when it has been finalized and every chunk is local.
 //!
+//! The worker threads run at a lower scheduling priority (nice 19, the lowest) than the rest of the process,
+//! so the background pull never starves foreground accesses or the frontend.
+//!
 //! Failures: a failed request is retried with exponential backoff; after `max_attempts` failures
 //! in a row the puller stops and [`Puller::wait`] returns the error. Reads through the
 //! [`Synced`] layer keep pulling on demand either way.
@@ -416,7 +419,13 @@ fn next_work(shared: &Shared, q: &mut Queue) -> Work {
     Work::Wait
 }
 
+/// How much nicer than the rest of the process the pull threads run.
+const BACKGROUND_NICENESS: i32 = 19;
+
 fn worker(shared: &Shared) {
+    // Background work yields to the application and the frontend: on a small machine a pull at
+    // full speed would otherwise delay the very reads it exists to speed up. Best effort.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICENESS);
     let mut scratch = Vec::new();
     let mut q = shared.queue.lock().expect("puller queue lock");
     loop {
