@@ -77,23 +77,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.pipeline {
         return run_pipeline(args);
     }
-    if !can_mount() {
+    if !r3map_fuse::can_mount() {
         println!(
             "(FUSE needs root and /dev/fuse, which this process lacks: running the in-process pipeline instead)"
         );
         return run_pipeline(args);
     }
     run_mount(args)
-}
-
-fn can_mount() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    root && std::path::Path::new("/dev/fuse").exists()
 }
 
 /// An embedded r3map server (a Unix socket) serves memory behind the simulated latency; a managed

@@ -598,19 +598,9 @@ fn grpc_over_tls_needs_client_certificates() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc needs --tls-client-ca"));
 }
 
-fn can_mount() -> bool {
-    let root = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    root && Path::new("/dev/fuse").exists()
-}
-
 #[test]
 fn sigint_during_writes_to_a_mount_loses_no_fsynced_data() {
-    if !can_mount() {
+    if !r3map_fuse::can_mount() {
         eprintln!("skipped: needs root and /dev/fuse");
         return;
     }
@@ -670,7 +660,7 @@ fn sigint_during_writes_to_a_mount_loses_no_fsynced_data() {
 
 #[test]
 fn cleanup_detaches_a_stale_mount() {
-    if !can_mount() {
+    if !r3map_fuse::can_mount() {
         eprintln!("skipped: needs root and /dev/fuse");
         return;
     }

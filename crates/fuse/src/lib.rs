@@ -60,3 +60,9 @@ mod mount;
 
 pub use fs::KernelSettings;
 pub use mount::{FuseMount, FuseOptions, cleanup_stale};
+
+/// Whether this process can mount FUSE filesystems here: it runs as root and `/dev/fuse` exists.
+#[must_use]
+pub fn can_mount() -> bool {
+    rustix::process::geteuid().is_root() && std::path::Path::new("/dev/fuse").exists()
+}

@@ -165,10 +165,6 @@ fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", "3\n").expect("drop the page cache (needs root)");
 }
 
-fn can_mount() -> bool {
-    rustix::process::geteuid().is_root() && Path::new("/dev/fuse").exists()
-}
-
 /// Whether `program` is on `PATH`.
 fn have(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -610,7 +606,7 @@ fn main() {
     cached.sort_by(f64::total_cmp);
     let page_cache = cached[1];
 
-    let mounting = can_mount();
+    let mounting = r3map_fuse::can_mount();
     let nbd = if !mounting {
         Err("n/a (needs root and /dev/fuse)".to_owned())
     } else if !["nbdkit", "nbdcopy", "nbdfuse"].iter().all(|p| have(p)) {

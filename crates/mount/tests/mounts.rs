@@ -16,17 +16,11 @@ use r3map_net::{
 };
 
 fn can_mount() -> bool {
-    let root = fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    if !root || !Path::new("/dev/fuse").exists() {
+    let ok = r3map_fuse::can_mount();
+    if !ok {
         eprintln!("skipped: needs root and /dev/fuse");
-        return false;
     }
-    true
+    ok
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
