@@ -180,34 +180,6 @@ impl fmt::Display for OutOfRange {
     }
 }
 
-/// Reads with `read_at` until `buf` is full, for backends built on calls that may return short.
-///
-/// # Errors
-/// `UnexpectedEof` when `read` returns 0 before the buffer is full; any error of `read`.
-pub fn read_full(
-    mut buf: &mut [u8],
-    mut off: u64,
-    mut read: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
-) -> io::Result<()> {
-    while !buf.is_empty() {
-        match read(buf, off) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("storage ended at offset {off} before the read was complete"),
-                ));
-            }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                off += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -347,9 +347,10 @@ impl Mount {
         }
     }
 
-    /// Makes everything written so far durable at the remote: the `before_sync` hook, the kernel's
-    /// dirty pages of the mount file, then (managed) a push of every dirty chunk and a flush of the
-    /// remote, or (direct) a flush of the backend.
+    /// Makes everything written so far durable at the remote: the `before_sync` hook, then the
+    /// kernel's dirty pages of the block device (if any) and of the mount file, whose `fsync` the
+    /// frontend answers by flushing the served backend (managed: a push of every dirty chunk and a
+    /// flush of the remote; direct: a flush of the backend).
     ///
     /// # Errors
     /// A hook, writeback, push or flush error; nothing is lost locally, and a later sync retries.
@@ -357,10 +358,10 @@ impl Mount {
         if let Some(hook) = &self.hooks.before_sync {
             hook()?;
         }
-        // fsync sends the page cache's dirty pages through the frontend, and the frontend flushes
-        // the served backend (the pusher's flush pushes everything dirty).
-        File::open(self.path())?.sync_all()?;
-        self.served.flush()
+        if let Some(d) = &self.loop_device {
+            File::open(d.path())?.sync_all()?;
+        }
+        File::open(self.file_path())?.sync_all()
     }
 
     /// Syncs, runs `before_close`, detaches the loop device, unmounts, stops the pull and does the

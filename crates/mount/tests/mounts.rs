@@ -235,9 +235,10 @@ fn ext4_on_a_managed_mount_survives_a_remount_from_the_remote_alone() {
         .map(|i| (format!("file-{i}"), pattern(10 + i, 1000 + 7919 * usize::try_from(i).unwrap())))
         .collect();
 
-    {
+    // A managed mount with a fresh cache: everything it reads comes from the remote.
+    let open = || {
         let local = Arc::new(Memory::new(remote.size()));
-        let mount = Mount::managed(
+        Mount::managed(
             remote.clone(),
             local,
             &fuse_dir,
@@ -245,7 +246,10 @@ fn ext4_on_a_managed_mount_survives_a_remount_from_the_remote_alone() {
             ManagedOptions::default(),
             Hooks::default(),
         )
-        .unwrap();
+        .unwrap()
+    };
+    {
+        let mount = open();
         let dev = mount.device().unwrap().to_string_lossy().into_owned();
         run("mkfs.ext4", &["-q", "-F", &dev]);
         run("mount", &["-t", "ext4", &dev, &fs_dir.to_string_lossy()]);
@@ -258,17 +262,8 @@ fn ext4_on_a_managed_mount_survives_a_remount_from_the_remote_alone() {
         mount.close().unwrap();
     }
 
-    // A fresh cache: everything comes from the remote.
-    let local = Arc::new(Memory::new(remote.size()));
-    let mount = Mount::managed(
-        remote.clone(),
-        local,
-        &fuse_dir,
-        &options,
-        ManagedOptions::default(),
-        Hooks::default(),
-    )
-    .unwrap();
+    // Remounted with a fresh cache: the files come from the remote alone.
+    let mount = open();
     let dev = mount.device().unwrap().to_string_lossy().into_owned();
     run("mount", &["-t", "ext4", &dev, &fs_dir.to_string_lossy()]);
     {

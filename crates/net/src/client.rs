@@ -34,7 +34,7 @@ use crate::proto::{
     self, ClientHello, ExportInfo, Op, REPLY_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
     export_flags,
 };
-use crate::security::{BoxedIo, ClientSecurity, certs_from_pem, client_tls, read_pem};
+use crate::security::{BoxedIo, ClientSecurity, client_tls, read_pem};
 
 /// The port r3map listens on unless told otherwise (as the original's `ram-ul`).
 pub const DEFAULT_PORT: u16 = 1337;
@@ -512,14 +512,6 @@ impl Seeder for RemoteBackend {
     fn close(&self) -> io::Result<()> {
         self.call(Op::Close, 0, 0).map(drop)
     }
-}
-
-/// Checks a CA file is usable before it is needed (for command-line tools).
-///
-/// # Errors
-/// As [`certs_from_pem`].
-pub fn check_ca(pem: &[u8]) -> io::Result<()> {
-    certs_from_pem(pem, "CA certificate").map(drop)
 }
 
 type Pending = Arc<Mutex<HashMap<u64, Request>>>;

@@ -283,11 +283,12 @@ impl Puller {
 
     #[must_use]
     pub fn progress(&self) -> PullProgress {
+        let synced = &self.shared.synced;
+        let (chunks, local_chunks) = (synced.geometry().chunks(), synced.local_chunks());
         let q = self.lock();
-        let stats = self.shared.synced.stats();
         PullProgress {
-            chunks: stats.chunks,
-            local_chunks: stats.local_chunks,
+            chunks,
+            local_chunks,
             pulled_chunks: self.shared.pulled_chunks.load(Ordering::Relaxed),
             pulled_bytes: self.shared.pulled_bytes.load(Ordering::Relaxed),
             in_flight: q.in_flight,

@@ -206,10 +206,16 @@ impl Synced {
         self.dirty.get(chunk.0)
     }
 
+    /// Number of local chunks (a counter, no bitmap scan).
+    #[must_use]
+    pub fn local_chunks(&self) -> u64 {
+        self.counters.local.load(Ordering::Acquire)
+    }
+
     /// Whether every chunk is local.
     #[must_use]
     pub fn is_complete(&self) -> bool {
-        self.counters.local.load(Ordering::Acquire) == self.geometry.chunks()
+        self.local_chunks() == self.geometry.chunks()
     }
 
     /// Whether someone is pulling `chunk` (or writing it whole) right now.
