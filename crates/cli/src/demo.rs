@@ -45,7 +45,7 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     pull_depth: usize,
     /// Largest background pull request (adjacent chunks are merged up to it).
-    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pull_request: u64,
     /// Time between background pushes.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]

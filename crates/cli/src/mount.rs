@@ -35,9 +35,14 @@ pub struct Args {
     /// Attach a loop device to the file and print it: a block device (`mkfs`, `mount`, swap).
     #[arg(long = "loop")]
     pub loop_device: bool,
-    /// Bypass the page cache: every read and write goes to the backend (no mmap).
-    #[arg(long)]
+    /// Bypass the page cache: every read and write goes to the backend (`mmap` still works on
+    /// Linux 6.6 and later). The default for managed mounts.
+    #[arg(long, conflicts_with = "page_cache")]
     pub direct_io: bool,
+    /// Serve the file through the page cache (the kernel caches reads and writes back later).
+    /// The default for direct mounts.
+    #[arg(long)]
+    pub page_cache: bool,
     /// Name of the file inside the mount point.
     #[arg(long, default_value = "r3map", value_name = "NAME")]
     pub file_name: String,
@@ -51,7 +56,7 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     pub pull_depth: usize,
     /// Largest background pull request (adjacent missing chunks are merged).
-    #[arg(long, default_value = "4MiB", value_parser = parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "16MiB", value_parser = parse_size, value_name = "SIZE")]
     pub pull_request: u64,
     /// Pull everything before the mount appears.
     #[arg(long)]
@@ -82,7 +87,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let fuse = FuseOptions {
         file_name: args.file_name.clone(),
         threads: args.threads,
-        direct_io: args.direct_io,
+        direct_io: match (args.direct_io, args.page_cache) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         ..FuseOptions::default()
     };
     let options = MountOptions { frontend: Frontend::Fuse(fuse), loop_device: args.loop_device };

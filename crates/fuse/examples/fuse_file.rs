@@ -21,7 +21,7 @@ fn main() -> io::Result<()> {
     let mut positional = Vec::new();
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
-            "--direct-io" => options.direct_io = true,
+            "--direct-io" => options.direct_io = Some(true),
             "--write-through" => options.writeback_cache = false,
             _ => positional.push(arg),
         }

@@ -50,6 +50,8 @@ pub struct KernelSettings {
     pub protocol: (u32, u32),
     /// The kernel caches writes and sends them later (`FUSE_WRITEBACK_CACHE`).
     pub writeback_cache: bool,
+    /// The file is served in direct-I/O mode (`FOPEN_DIRECT_IO`), not through the page cache.
+    pub direct_io: bool,
     /// Shared writable `mmap` works on the direct-I/O file (`FUSE_DIRECT_IO_ALLOW_MMAP`).
     pub direct_io_mmap: bool,
     /// Largest write request asked for (the kernel further caps it at its page limit per request).
@@ -293,8 +295,13 @@ impl Filesystem for FileFs {
             }
         }
         let version = config.kernel_abi();
-        let settings =
-            KernelSettings { protocol: (version.0, version.1), writeback_cache, direct_io_mmap, max_write };
+        let settings = KernelSettings {
+            protocol: (version.0, version.1),
+            writeback_cache,
+            direct_io: self.direct_io,
+            direct_io_mmap,
+            max_write,
+        };
         debug!("FUSE session settings: {settings:?}");
         let _ = self.settings.set(settings);
         Ok(())

@@ -35,15 +35,21 @@ pub struct FuseOptions {
     /// Worker threads serving requests, each with its own `/dev/fuse` descriptor
     /// (`FUSE_DEV_IOC_CLONE`). Default 4; at least 1.
     pub threads: usize,
-    /// `false` (default): page-cache mode. The kernel caches the file's pages and keeps them
-    /// across opens (`FOPEN_KEEP_CACHE`); `mmap(MAP_SHARED)` works and `msync`/`fsync` write the
-    /// dirty pages back and then flush the backend.
+    /// `Some(false)`: page-cache mode. The kernel caches the file's pages and keeps them across
+    /// opens (`FOPEN_KEEP_CACHE`); `mmap(MAP_SHARED)` works and `msync`/`fsync` write the dirty
+    /// pages back and then flush the backend.
     ///
-    /// `true`: direct-I/O mode (`FOPEN_DIRECT_IO`). Every `read`/`write` goes to the backend and
-    /// nothing is cached. Shared writable `mmap` works only on kernels that offer
+    /// `Some(true)`: direct-I/O mode (`FOPEN_DIRECT_IO`). Every `read`/`write` goes to the
+    /// backend and nothing is cached. Shared writable `mmap` works only on kernels that offer
     /// `FUSE_DIRECT_IO_ALLOW_MMAP` (Linux 6.6 and later; see [`KernelSettings::direct_io_mmap`]);
-    /// elsewhere it fails with `ENODEV`.
-    pub direct_io: bool,
+    /// elsewhere it fails with `ENODEV`. There the kernel keeps `read(2)`/`write(2)` and the
+    /// mapping coherent: a direct read writes dirty mapped pages back first, a direct write drops
+    /// the cached pages it covers.
+    ///
+    /// `None` (default): the caller decides; [`FuseMount::mount`] uses the page cache, and
+    /// `r3map-mount` uses direct I/O for managed mounts (whose local cache already holds the data
+    /// in memory) and the page cache for direct ones.
+    pub direct_io: Option<bool>,
     /// Page-cache mode only: let the kernel cache writes and send them later, coalesced
     /// (`FUSE_WRITEBACK_CACHE`). Default `true`.
     ///
@@ -72,7 +78,7 @@ impl Default for FuseOptions {
         Self {
             file_name: "r3map".to_owned(),
             threads: 4,
-            direct_io: false,
+            direct_io: None,
             writeback_cache: true,
             read_only: false,
             max_io: 1024 * 1024,
@@ -177,13 +183,14 @@ impl FuseMount {
         }
         let size = backend.size();
         let read_only = options.read_only || backend.capabilities().read_only;
+        let direct_io = options.direct_io.unwrap_or(false);
         let settings = Arc::new(OnceLock::new());
         let fs = FileFs::new(
             Arc::clone(&backend),
             FsConfig {
                 name: options.file_name.clone(),
                 read_only,
-                direct_io: options.direct_io,
+                direct_io,
                 writeback_cache: options.writeback_cache,
                 max_io: options.max_io,
                 settings: Arc::clone(&settings),
@@ -243,14 +250,14 @@ impl FuseMount {
             }
             Err(e) => return Err(annotate(&e, &format!("the FUSE file {} is not usable", path.display()))),
         }
-        if !options.direct_io {
+        if !direct_io {
             mount.set_readahead(options.max_io);
         }
         info!(
             "serving {} bytes as {} ({}, {} threads)",
             size,
             path.display(),
-            if options.direct_io { "direct I/O" } else { "page cache" },
+            if direct_io { "direct I/O" } else { "page cache" },
             options.threads
         );
         Ok(mount)

@@ -391,10 +391,22 @@ impl Kind {
 /// How the FUSE file is served.
 #[derive(Clone, Copy, PartialEq)]
 enum Io {
-    /// `FuseOptions::default()`: page-cache mode with the writeback cache.
+    /// The mount's choice: the page cache for a direct mount, direct I/O for a managed one.
+    Default,
+    /// Page-cache mode with the writeback cache.
     PageCache,
-    /// `FuseOptions::direct_io` (a diagnostic): every `read(2)`/`write(2)` goes to the backend.
-    DirectIo,
+    /// Direct-I/O mode: every `read(2)`/`write(2)` goes to the backend.
+    Direct,
+}
+
+impl Io {
+    fn name(self) -> &'static str {
+        match self {
+            Io::Default => "",
+            Io::PageCache => ", page-cache mode",
+            Io::Direct => ", direct-I/O mode",
+        }
+    }
 }
 
 /// Closes a mount. A `ConnectionAborted` error of the FUSE session (a worker thread that was
@@ -412,7 +424,12 @@ fn close_mount(m: Mount) {
 
 /// Mounts `remote` at `dir`: direct, or managed over a fresh `Memory` cache with `options`.
 fn mount(kind: Kind, io: Io, remote: &SharedBackend, dir: &Path, options: ManagedOptions) -> Mount {
-    let fuse = FuseOptions { direct_io: io == Io::DirectIo, ..FuseOptions::default() };
+    let direct_io = match io {
+        Io::Default => None,
+        Io::PageCache => Some(false),
+        Io::Direct => Some(true),
+    };
+    let fuse = FuseOptions { direct_io, ..FuseOptions::default() };
     let mount_options = MountOptions { frontend: Frontend::Fuse(fuse), ..MountOptions::default() };
     match kind {
         Kind::Direct => {
@@ -439,7 +456,7 @@ fn first_chunk(
     let (mut pread, mut open_pread) = (Vec::new(), Vec::new());
     for _ in 0..samples {
         let dir = tempfile::tempdir().expect("mount point");
-        let m = mount(kind, Io::PageCache, remote, dir.path(), kind.managed_options());
+        let m = mount(kind, Io::Default, remote, dir.path(), kind.managed_options());
         let t = Instant::now();
         let f = File::open(m.file_path()).expect("open the mount file");
         let opened = Instant::now();
@@ -538,7 +555,7 @@ fn managed_write(remote: &Arc<Memory>, io: Io, data: &Data, size: u64) -> WriteF
 fn direct_write(remote: &Arc<Memory>, data: &Data, size: u64) -> Duration {
     let shared: SharedBackend = Arc::clone(remote) as SharedBackend;
     let dir = tempfile::tempdir().expect("mount point");
-    let m = mount(Kind::Direct, Io::PageCache, &shared, dir.path(), ManagedOptions::default());
+    let m = mount(Kind::Direct, Io::Default, &shared, dir.path(), ManagedOptions::default());
     let file = open_writable(&m.file_path());
     drop_caches();
     let t = write_through(&file, data, size, GEN_WRITE_A, Durable::Fsync).expect("write the mount");
@@ -554,7 +571,7 @@ fn open_close(kind: Kind, remote: &SharedBackend, samples: usize) -> (Vec<Durati
     for _ in 0..samples {
         let dir = tempfile::tempdir().expect("mount point");
         let t = Instant::now();
-        let m = mount(kind, Io::PageCache, remote, dir.path(), kind.managed_options());
+        let m = mount(kind, Io::Default, remote, dir.path(), kind.managed_options());
         open.push(t.elapsed());
         let t = Instant::now();
         close_mount(m);
@@ -575,9 +592,10 @@ fn main() {
     println!("# r3map mount benchmark{}\n", if cfg.quick { " (quick smoke run)" } else { "" });
     let defaults = ManagedOptions::default();
     println!(
-        "{} MiB, 1 MiB `read(2)`/`write(2)` calls. FUSE frontend with its defaults (page cache, writeback \
-         cache, 1 MiB requests and readahead, 4 threads); managed mounts with the default options \
-         ({} KiB chunks, pull {} × {} MiB) and a fresh `Memory` cache; the remote is a `Memory` backend.\n",
+        "{} MiB, 1 MiB `read(2)`/`write(2)` calls. FUSE frontend with the mount's defaults (direct \
+         mounts: page cache, writeback cache, 1 MiB readahead; managed mounts: direct I/O; 1 MiB \
+         requests, 4 threads); managed mounts with the default options ({} KiB chunks, pull {} × {} \
+         MiB) and a fresh `Memory` cache; the remote is a `Memory` backend.\n",
         size / MIB,
         defaults.chunk_size / KIB,
         defaults.pull_depth,
@@ -667,18 +685,14 @@ fn main() {
     println!("## Sequential read, cold (fresh mount, caches dropped{runs})\n");
     println!("| mount | GB/s | ratio to page cache | ratio to nbdfuse |\n|---|---|---|---|");
     let nbd_ratio = |r: f64| nbd.as_ref().map_or_else(|_| "n/a".to_owned(), |n| format!("{:.2}", r / n.read));
-    let (direct, _) = best_cold_read(Kind::Direct, Io::PageCache, &remote, size, cfg.runs);
+    let (direct, _) = best_cold_read(Kind::Direct, Io::Default, &remote, size, cfg.runs);
     println!("| direct | {direct:.2} | {:.2} | {} |", direct / page_cache, nbd_ratio(direct));
-    let (managed, pulled0) = best_cold_read(MANAGED, Io::PageCache, &remote, size, cfg.runs);
+    let (managed, pulled0) = best_cold_read(MANAGED, Io::Default, &remote, size, cfg.runs);
     println!("| managed | {managed:.2} | {:.2} | {} |", managed / page_cache, nbd_ratio(managed));
-    for kind in [Kind::Direct, MANAGED] {
-        let (r, _) = best_cold_read(kind, Io::DirectIo, &remote, size, cfg.runs);
+    for (kind, io) in [(Kind::Direct, Io::Direct), (MANAGED, Io::PageCache)] {
+        let (r, _) = best_cold_read(kind, io, &remote, size, cfg.runs);
         let name = kind.name();
-        println!(
-            "| {name}, direct-I/O mode (diagnostic) | {r:.2} | {:.2} | {} |",
-            r / page_cache,
-            nbd_ratio(r)
-        );
+        println!("| {name}{} (diagnostic) | {r:.2} | {:.2} | {} |", io.name(), r / page_cache, nbd_ratio(r));
     }
     println!();
 
@@ -690,13 +704,13 @@ fn main() {
     let local_after = |d: Option<Duration>| d.map_or_else(|| "n/a".to_owned(), fmt_duration);
     println!("| 0 ms | {managed:.2} | 1.00 | {} | {} |", nbd_ratio(managed), local_after(pulled0));
     let longest = cfg.delays.iter().max().copied().unwrap_or(0);
-    let wide = Kind::Managed(Pull::With { depth: 16, request: 16 * MIB });
-    for (ms, kind) in cfg.delays.iter().map(|&ms| (ms, MANAGED)).chain([(longest, wide)]) {
+    let narrow = Kind::Managed(Pull::With { depth: 16, request: 4 * MIB });
+    for (ms, kind) in cfg.delays.iter().map(|&ms| (ms, MANAGED)).chain([(longest, narrow)]) {
         let delayed: SharedBackend = Arc::new(Delay::new(Arc::clone(&remote_mem), Duration::from_millis(ms)));
-        let (r, pulled) = best_cold_read(kind, Io::PageCache, &delayed, size, cfg.runs);
+        let (r, pulled) = best_cold_read(kind, Io::Default, &delayed, size, cfg.runs);
         let label = match kind {
             Kind::Managed(Pull::With { depth, request }) => {
-                format!("{ms} ms, pull {depth} × {} MiB (not the default)", request / MIB)
+                format!("{ms} ms, pull {depth} × {} MiB (diagnostic)", request / MIB)
             }
             _ => format!("{ms} ms"),
         };
@@ -716,11 +730,11 @@ fn main() {
     drop(local_file);
     let mut w = WriteFigures { mount: Duration::MAX, push: Duration::MAX, fsync: Duration::MAX };
     let mut direct_w = Duration::MAX;
-    let mut dio_w = Duration::MAX;
+    let mut cached_w = Duration::MAX;
     for _ in 0..cfg.runs {
         direct_w = direct_w.min(direct_write(&remote_mem, &data, size));
-        dio_w = dio_w.min(managed_write(&remote_mem, Io::DirectIo, &data, size).fsync);
-        let r = managed_write(&remote_mem, Io::PageCache, &data, size);
+        cached_w = cached_w.min(managed_write(&remote_mem, Io::PageCache, &data, size).fsync);
+        let r = managed_write(&remote_mem, Io::Default, &data, size);
         w.mount = w.mount.min(r.mount);
         w.push = w.push.min(r.push);
         w.fsync = w.fsync.min(r.fsync);
@@ -733,11 +747,11 @@ fn main() {
         println!("| {what} | {} | {:.2} | {r} |", fmt_duration(t), gbps(size, t));
     };
     row(&format!("local file ({}): writes + fsync", fs_type(work.path())), local_write, true);
-    row("managed: writes until written back into the local cache (syncfs, no push)", w.mount, true);
-    row("managed: `Mount::sync` after that (the push to the remote)", w.push, false);
     row("managed: writes + fsync (the fsync pushes)", w.fsync, true);
-    row("direct: writes + fsync (the FUSE frontend alone, diagnostic)", direct_w, true);
-    row("managed, direct-I/O mode: writes + fsync (the fsync pushes; diagnostic)", dio_w, true);
+    row("managed: the writes alone (in the local cache, no push)", w.mount, true);
+    row("managed: `Mount::sync` after them (the push to the remote)", w.push, false);
+    row("managed, page-cache mode: writes + fsync (diagnostic)", cached_w, true);
+    row("direct (page cache): writes + fsync (the FUSE frontend alone, diagnostic)", direct_w, true);
     println!();
 
     // ---- Open time

@@ -197,6 +197,9 @@ impl Mount {
                     depth: managed.pull_depth,
                     request_size: managed.pull_request,
                     order,
+                    // One request in flight while the frontend is set up: the pull starts at
+                    // once without taking the CPU the mount needs (see `Mount::start`).
+                    initial_depth: (!managed.pull_first).then_some(1),
                     ..PullerOptions::default()
                 },
             )?)
@@ -238,12 +241,17 @@ impl Mount {
         started: Instant,
     ) -> io::Result<Self> {
         let Frontend::Fuse(fuse_options) = &options.frontend;
-        let fuse = FuseMount::mount(Arc::clone(&served), mountpoint, fuse_options.clone())?;
+        let mut fuse_options = fuse_options.clone();
+        // A managed mount's local cache already holds the data in memory: the page cache would
+        // hold it twice and put the kernel's writeback between the application and the cache.
+        fuse_options.direct_io.get_or_insert(managed.is_some());
+        let read_only = fuse_options.read_only || served.capabilities().read_only;
+        let fuse = FuseMount::mount(Arc::clone(&served), mountpoint, fuse_options)?;
+        if let Some(puller) = managed.as_ref().and_then(|m| m.puller.as_ref()) {
+            puller.set_depth(usize::MAX);
+        }
         let loop_device = if options.loop_device {
-            match LoopDevice::attach(
-                &fuse.file_path(),
-                fuse_options.read_only || served.capabilities().read_only,
-            ) {
+            match LoopDevice::attach(&fuse.file_path(), read_only) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     let _ = fuse.unmount();
@@ -313,6 +321,16 @@ impl Mount {
     // invariants (fixed size, the mount outliving the mapping) that make it sound.
     #[allow(unsafe_code)]
     pub fn map(&self) -> io::Result<Mapping<'_>> {
+        if let Some(settings) = self.fuse.as_ref().map(FuseMount::settings)
+            && settings.direct_io
+            && !settings.direct_io_mmap
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel cannot map a FUSE file served in direct-I/O mode (it lacks \
+                 FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6): mount with FuseOptions::direct_io = Some(false)",
+            ));
+        }
         let file = OpenOptions::new().read(true).write(true).open(self.path())?;
         let len = usize::try_from(self.size())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the resource is too large to map"))?;

@@ -296,9 +296,18 @@ fn shutdown_finishes_calls_in_flight_then_flushes() {
     assert_eq!(buf, [5u8; 100]);
     assert_eq!(slow.flushes.load(Ordering::SeqCst), 1, "the shutdown flushes once");
     let err = client.read_at(&mut buf, 0).unwrap_err();
+    // Which of the "server gone" errors comes back depends on how far the connection's teardown
+    // got when the call is made.
     assert!(
-        matches!(err.kind(), io::ErrorKind::NotConnected | io::ErrorKind::ConnectionRefused),
-        "after shutdown: {err}"
+        matches!(
+            err.kind(),
+            io::ErrorKind::NotConnected
+                | io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+        ),
+        "after shutdown: {err:?}"
     );
 }
 
