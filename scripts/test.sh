@@ -38,6 +38,7 @@ log "benchmark smoke runs"
 cargo bench --locked -p r3map-core --bench pipeline -- --quick
 cargo bench --locked -p r3map-net --bench transport -- --quick
 cargo bench --locked -p r3map-mount --bench mount -- --quick
+cargo bench --locked -p r3map-region --bench region -- --quick
 
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -8,12 +8,14 @@
 //!   shutdown on signals.
 //! - [`certs`]: `r3map certs`, a private CA and the certificates for mutual TLS.
 //! - [`mount`]: `r3map mount` and `r3map cleanup`.
+//! - [`map`]: `r3map map`, a backend mapped into the process as a userfaultfd region.
 //! - [`demo`]: `r3map demo`, a managed mount of an embedded server, checked end to end.
 //! - [`units`]: sizes and durations on the command line.
 
 pub mod backend_url;
 pub mod certs;
 pub mod demo;
+pub mod map;
 pub mod mount;
 pub mod serve;
 pub mod units;
@@ -26,7 +28,9 @@ use tracing_subscriber::EnvFilter;
 /// overrides.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "info",
+        // fuser warns when its session ends after the mount was already taken down (ours unmounts
+        // first, on purpose).
+        0 => "info,fuser::session=error",
         1 => "debug",
         _ => "trace",
     };

@@ -1,7 +1,7 @@
 //! `r3map`: mount, serve and migrate remote memory.
 
 use clap::{Parser, Subcommand};
-use r3map_cli::{certs, demo, init_logging, mount, serve};
+use r3map_cli::{certs, demo, init_logging, map, mount, serve};
 
 /// Remote memory: mount any resource as local memory that is pulled lazily and in the background,
 /// pushed back in the background, and live-migrated between hosts.
@@ -45,6 +45,14 @@ enum Command {
     /// first access and in the background, writes pushed in the background. Runs until SIGINT or
     /// SIGTERM, then syncs, unmounts and pushes what is left; a second signal exits at once.
     Mount(Box<mount::Args>),
+    /// Map a backend into this process's memory as a userfaultfd region and use it.
+    ///
+    /// Pages are fetched on first access (a fault fetches its whole chunk) and by a background pull;
+    /// writes are tracked with userfaultfd write-protect and pushed back. By default the region is
+    /// read once from start to end (timed); --write-percent writes random pages, pushes them and
+    /// checks the backend; --hold keeps it mapped until SIGINT or SIGTERM. Needs root or access to
+    /// /dev/userfaultfd.
+    Map(Box<map::Args>),
     /// Clean up after a crashed `r3map mount`: detach its loop devices and unmount the stale FUSE
     /// mount ("Transport endpoint is not connected").
     Cleanup(mount::CleanupArgs),
@@ -58,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run_args(&args),
         Command::Certs(args) => certs::run(&args),
         Command::Mount(args) => mount::run(&args),
+        Command::Map(args) => map::run(&args),
         Command::Cleanup(args) => mount::cleanup(&args),
     }
 }

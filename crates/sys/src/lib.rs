@@ -5,10 +5,19 @@
 //! # Layout
 //! - [`mapping`]: shared memory mappings of files whose size never changes (r3map's FUSE files
 //!   and block devices).
+//! - [`region_map`]: [`AnonMapping`], a private anonymous mapping filled by a userfaultfd
+//!   handler, accessed through volatile copies (no `&[u8]` view: its bytes change under any
+//!   reference).
+//! - [`uffd`]: userfaultfd ([`Uffd`]: handshake, registration, `COPY`, `ZEROPAGE`, `WAKE`,
+//!   `WRITEPROTECT`, `POISON`, events) and `PAGEMAP_SCAN` of written pages ([`PageMap`]).
 
 // The workspace denies unsafe code; this crate exists to hold it.
 #![allow(unsafe_code)]
 
 pub mod mapping;
+pub mod region_map;
+pub mod uffd;
 
 pub use mapping::SharedMapping;
+pub use region_map::AnonMapping;
+pub use uffd::{PageMap, Uffd};

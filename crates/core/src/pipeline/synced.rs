@@ -278,6 +278,45 @@ impl Synced {
         }
     }
 
+    /// Makes every chunk of `chunks` local: pulls the missing ones (adjacent ones merged into
+    /// ranged reads of up to the on-demand request size) and waits for those someone else is
+    /// pulling. Returns once all of them are local. Frontends that serve the local backend
+    /// themselves (a userfaultfd region) call it before they let an access proceed.
+    ///
+    /// # Errors
+    /// `InvalidInput` for chunks past the end; the first failed remote read or local write (the
+    /// chunks of that request stay remote).
+    pub fn fetch(&self, chunks: Range<u64>) -> io::Result<()> {
+        if chunks.end > self.geometry.chunks() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "chunks {}..{} are beyond the end ({} chunks)",
+                    chunks.start,
+                    chunks.end,
+                    self.geometry.chunks()
+                ),
+            ));
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        self.ensure_local(chunks, None, &mut Vec::new())
+    }
+
+    /// Marks local chunks dirty: their data changed in the local backend by a path that did not
+    /// go through this layer (a frontend that writes the local storage directly and learns of
+    /// the writes afterwards, like a write-protect scan). Call it after the data is in place, as
+    /// [`Backend::write_at`] does. Chunks that are not local are skipped: they have no local
+    /// data to push.
+    pub fn mark_dirty(&self, chunks: impl IntoIterator<Item = Chunk>) {
+        for Chunk(c) in chunks {
+            if c < self.geometry.chunks() && self.local_bits.get(c) {
+                self.dirty.set(c);
+            }
+        }
+    }
+
     /// Pulls the chunks of `chunks` that are neither local nor being pulled by someone else,
     /// with ranged reads of at most `max_chunks` chunks each. Used by the background
     /// [`Puller`](super::Puller); returns the number of chunks and bytes pulled.
