@@ -17,7 +17,10 @@ fn assert_mentions(text: &str, words: &[&str]) {
 #[test]
 fn r3map_lists_its_commands() {
     let h = help(env!("CARGO_BIN_EXE_r3map"), &[]);
-    assert_mentions(&h, &["demo", "serve", "certs", "mount", "map", "Serve a backend", "private CA", "userfaultfd"]);
+    assert_mentions(
+        &h,
+        &["demo", "serve", "certs", "mount", "map", "Serve a backend", "private CA", "userfaultfd"],
+    );
 }
 
 #[test]
