@@ -153,6 +153,24 @@ pub fn check_range(off: u64, len: u64, size: u64) -> io::Result<()> {
     }
 }
 
+/// Flushes every named backend in turn (a server's exports at shutdown), logging each failure
+/// with its name, so that one failing backend does not keep the others from being flushed.
+///
+/// # Errors
+/// The first failed flush.
+pub fn flush_each<'a>(backends: impl IntoIterator<Item = (&'a str, &'a dyn Backend)>) -> io::Result<()> {
+    let mut first = Ok(());
+    for (name, backend) in backends {
+        if let Err(err) = backend.flush() {
+            tracing::error!(export = %name, error = %err, "flushing the export failed");
+            if first.is_ok() {
+                first = Err(err);
+            }
+        }
+    }
+    first
+}
+
 /// Length of a buffer as a byte count.
 #[must_use]
 pub fn len64(buf: &[u8]) -> u64 {
@@ -182,7 +200,45 @@ impl fmt::Display for OutOfRange {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// Counts flushes; fails them when `fails`.
+    struct Flushes {
+        fails: bool,
+        count: AtomicUsize,
+    }
+
+    impl Backend for Flushes {
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+            check_range(off, len64(buf), 0)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+            check_range(off, len64(buf), 0)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            if self.fails {
+                Err(io::Error::other(format!("flush {}", self.count.load(Ordering::SeqCst))))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn flush_each_flushes_every_backend_and_returns_the_first_error() {
+        let b = |fails| Flushes { fails, count: AtomicUsize::new(0) };
+        let all = [b(false), b(true), b(false), b(true)];
+        let err = flush_each(all.iter().map(|x| ("x", x as &dyn Backend))).unwrap_err();
+        assert_eq!(err.to_string(), "flush 1", "the first error is returned");
+        assert!(all.iter().all(|x| x.count.load(Ordering::SeqCst) == 1), "every backend was flushed once");
+        assert!(flush_each([("ok", &all[0] as &dyn Backend)]).is_ok());
+    }
 
     #[test]
     fn check_range_accepts_ranges_that_end_at_size() {

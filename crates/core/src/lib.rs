@@ -25,7 +25,7 @@ pub mod layers;
 pub mod pipeline;
 pub mod seeder;
 
-pub use backend::{Backend, Capabilities, Extent, SharedBackend, check_range};
+pub use backend::{Backend, Capabilities, Extent, SharedBackend, check_range, flush_each};
 pub use backends::{Dir, File, Memory};
 pub use geometry::{Chunk, Geometry};
 pub use layers::{Aligned, Chunked, Delay, FaultInject, Locked, Tracked};

@@ -271,16 +271,7 @@ impl NbdServer {
     pub async fn flush_all(&self) -> io::Result<()> {
         let exports = Arc::clone(&self.exports);
         tokio::task::spawn_blocking(move || {
-            let mut first = Ok(());
-            for e in exports.iter() {
-                if let Err(err) = e.backend.flush() {
-                    tracing::error!(export = %e.name, error = %err, "flushing the export failed");
-                    if first.is_ok() {
-                        first = Err(err);
-                    }
-                }
-            }
-            first
+            r3map_core::flush_each(exports.iter().map(|e| (e.name.as_str(), &*e.backend)))
         })
         .await
         .map_err(io::Error::other)?

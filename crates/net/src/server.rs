@@ -272,16 +272,7 @@ impl Server {
     pub async fn flush_all(&self) -> io::Result<()> {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            let mut first = Ok(());
-            for e in inner.exports.values() {
-                if let Err(err) = e.backend.flush() {
-                    tracing::error!(export = %e.name, error = %err, "flushing the export failed");
-                    if first.is_ok() {
-                        first = Err(err);
-                    }
-                }
-            }
-            first
+            r3map_core::flush_each(inner.exports.values().map(|e| (e.name.as_str(), &*e.backend)))
         })
         .await
         .map_err(io::Error::other)?

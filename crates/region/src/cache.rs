@@ -17,7 +17,7 @@ use r3map_core::backend::{Backend, check_range, len64};
 use r3map_sys::uffd::CopyMode;
 use r3map_sys::{AnonMapping, Uffd};
 
-use crate::to_usize;
+use r3map_core::geometry::to_usize;
 
 thread_local! {
     /// The page offset a fault handler is serving on this thread, if any (see [`with_fault_hint`]).

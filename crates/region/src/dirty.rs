@@ -30,7 +30,7 @@ use r3map_core::bitmap::AtomicBitmap;
 use r3map_sys::PageMap;
 
 use crate::cache::RegionMemory;
-use crate::to_usize;
+use r3map_core::geometry::to_usize;
 
 /// How the region learns which pages the application wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -30,7 +30,7 @@ use rustix::net::{
 
 use crate::cache::RegionMemory;
 use crate::region::RegionError;
-use crate::to_usize;
+use r3map_core::geometry::to_usize;
 
 /// The mapping side: memory whose missing pages another process fills. See the
 /// [module docs](self).

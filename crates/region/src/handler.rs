@@ -42,7 +42,7 @@ use rustix::event::epoll;
 
 use crate::cache::{RegionCache, RegionMemory};
 use crate::dirty::Tracker;
-use crate::to_usize;
+use r3map_core::geometry::to_usize;
 
 /// Counters of the handlers.
 #[derive(Debug, Default)]

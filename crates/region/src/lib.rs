@@ -69,8 +69,3 @@ pub use cache::RegionCache;
 pub use dirty::WriteTracking;
 pub use r3map_sys::uffd::Features;
 pub use region::{Region, RegionError, RegionOptions, RegionStats};
-
-/// A byte count or offset of memory that exists (mapped or allocated) as a `usize`.
-pub(crate) fn to_usize(v: u64) -> usize {
-    usize::try_from(v).expect("sizes of mapped memory fit in usize")
-}

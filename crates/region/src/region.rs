@@ -20,7 +20,7 @@ use r3map_sys::{AnonMapping, PageMap, Uffd};
 use crate::cache::{RegionCache, RegionMemory};
 use crate::dirty::{Tracker, WriteTracking};
 use crate::handler::{HandlerShared, Handlers};
-use crate::to_usize;
+use r3map_core::geometry::to_usize;
 
 /// Options of a [`Region`].
 #[derive(Debug)]
