@@ -9,10 +9,12 @@ log() { printf '\n==> %s\n' "$*"; }
 # System packages the tests use. Only installed when missing, so repeated runs are quick.
 need_pkgs=()
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
-# The mount benchmark's nbdfuse baseline, and the NBD server's peers (nbdinfo, nbdcopy, qemu-io).
+# The mount benchmark's nbdfuse baseline, and the NBD server's peers (nbdinfo, nbdcopy, qemu-io,
+# qemu-img, fio's nbd engine) and the NBD client's (nbdkit, qemu-nbd).
 command -v nbdkit >/dev/null 2>&1 || need_pkgs+=(nbdkit)
 command -v nbdfuse >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
+command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

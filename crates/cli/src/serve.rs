@@ -1,5 +1,6 @@
 //! `r3map serve`: exports one backend over TCP (TLS 1.3, or plaintext when asked for) and/or a
-//! Unix socket, with optional Prometheus metrics; also the server behind `ram-ul`.
+//! Unix socket, over NBD (TCP with STARTTLS, and/or a Unix socket) for the kernel, QEMU and
+//! libnbd, with optional Prometheus metrics; also the server behind `ram-ul`.
 //!
 //! Security is a choice the user makes, never a default: a TCP listener needs either a TLS
 //! certificate and key or `--insecure-plaintext`. A Unix socket is protected by its file's
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, anyhow, bail};
 use r3map_core::{Aligned, Backend as _, Chunked, SharedBackend, Tracked};
 use r3map_grpc::{GrpcExport, GrpcSecurity, ServerTls, TlsIdentity};
+use r3map_nbd::{BlockSizes, NbdExport, NbdServer, NbdTls, TlsMode};
 use r3map_net::proto::MIN_MAX_REQUEST;
 use r3map_net::security::read_pem;
 use r3map_net::{Export, Server, ServerConfig, ServerSecurity, server_tls};
@@ -76,7 +78,60 @@ pub struct Args {
     #[arg(long)]
     pub seeder: bool,
     #[command(flatten)]
+    pub nbd: NbdArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// Serving the export over NBD too.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "NBD (for the kernel's nbd client, QEMU, nbdcopy, nbdfuse, fio...)")]
+pub struct NbdArgs {
+    /// Serve the export over NBD on TCP at ADDR (HOST:PORT, [IPV6]:PORT or :PORT; NBD's usual
+    /// port is 10809). Clients use `nbd://HOST:PORT/EXPORT` (`nbds://` with TLS). With
+    /// --tls-cert, clients must start TLS (NBD_OPT_STARTTLS); NBD has no token, so authenticate
+    /// clients with --tls-client-ca. Without --listen or --unix, only NBD is served.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd: Option<String>,
+    /// Serve NBD on a Unix socket at PATH (`nbd+unix:///EXPORT?socket=PATH`); TLS is offered
+    /// there but not required.
+    #[arg(long, value_name = "PATH")]
+    pub nbd_unix: Option<PathBuf>,
+    /// The minimum block size announced to NBD clients (a power of two, at most 64 KiB) [default:
+    /// 1, any alignment works]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub nbd_min_block: Option<u64>,
+    /// The preferred block size announced to NBD clients [default: 4 KiB, or the chunk size with
+    /// --chunking]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub nbd_preferred_block: Option<u64>,
+    /// The largest read or write NBD clients may send (at most 32 MiB) [default: --max-request,
+    /// up to 32 MiB]
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub nbd_max_block: Option<u64>,
+}
+
+impl NbdArgs {
+    fn any(&self) -> bool {
+        self.nbd.is_some() || self.nbd_unix.is_some()
+    }
+
+    /// The block sizes these flags announce.
+    ///
+    /// # Errors
+    /// Sizes the NBD spec does not allow.
+    pub fn block_sizes(&self, chunking: Option<u64>, max_request: u64) -> anyhow::Result<BlockSizes> {
+        let to32 = |v: u64, what: &str| {
+            u32::try_from(v).map_err(|_| anyhow!("the NBD {what} block size {v} is too large"))
+        };
+        let min = to32(self.nbd_min_block.unwrap_or(1), "minimum")?;
+        let default_preferred = chunking.unwrap_or(4096).clamp(u64::from(min).max(512), 32 << 20);
+        let preferred = to32(self.nbd_preferred_block.unwrap_or(default_preferred), "preferred")?;
+        let default_max = max_request.min(u64::from(r3map_nbd::proto::MAX_REQUEST));
+        let default_max = default_max - default_max % u64::from(min);
+        let max = to32(self.nbd_max_block.unwrap_or(default_max), "maximum")?;
+        BlockSizes::new(min, preferred, max).map_err(|e| anyhow!("{e}"))
+    }
 }
 
 /// Flags `r3map serve` and `ram-ul` share: limits, security, metrics.
@@ -217,6 +272,15 @@ impl Security {
         s.push_str(if self.token.is_some() { ", token" } else { ", no token" });
         s
     }
+
+    /// `STARTTLS required, client certificates`, `plaintext`, ...
+    fn nbd_mode(&self) -> &'static str {
+        match self.server {
+            ServerSecurity::Tls(_) if self.client_certs => "STARTTLS required, client certificates",
+            ServerSecurity::Tls(_) => "STARTTLS required, no client authentication",
+            ServerSecurity::Plaintext => "plaintext, no client authentication",
+        }
+    }
 }
 
 /// A server to run: what `r3map serve` and `ram-ul` have parsed from their flags.
@@ -230,6 +294,7 @@ pub struct Config {
     pub chunk_size: u64,
     pub chunking: bool,
     pub seeder: bool,
+    pub nbd: NbdArgs,
     pub common: CommonArgs,
 }
 
@@ -239,8 +304,8 @@ impl Args {
     pub fn config(&self) -> Config {
         let listen = match (&self.listen, &self.unix) {
             (Some(l), _) => Some(l.clone()),
-            (None, Some(_)) => None,
-            (None, None) => Some(DEFAULT_LISTEN.to_owned()),
+            (None, None) if !self.nbd.any() => Some(DEFAULT_LISTEN.to_owned()),
+            (None, _) => None,
         };
         Config {
             listen,
@@ -250,6 +315,7 @@ impl Args {
             chunk_size: self.chunk_size,
             chunking: self.chunking,
             seeder: self.seeder,
+            nbd: self.nbd.clone(),
             common: self.common.clone(),
         }
     }
@@ -273,10 +339,19 @@ pub fn run_args(args: &Args) -> anyhow::Result<()> {
 /// Bad flags, addresses that cannot be bound, a backend that cannot be opened, a failed final
 /// flush.
 pub fn run(config: &Config, open_backend: impl FnOnce() -> anyhow::Result<Opened>) -> anyhow::Result<()> {
-    if config.listen.is_none() && config.unix.is_none() {
-        bail!("nothing to serve on: give --listen ADDR, --unix PATH or both");
+    if config.listen.is_none() && config.unix.is_none() && !config.nbd.any() {
+        bail!("nothing to serve on: give --listen ADDR, --unix PATH, --nbd ADDR or --nbd-unix PATH");
     }
-    let security = config.common.security.resolve(config.listen.is_some())?;
+    let security = config.common.security.resolve(config.listen.is_some() || config.nbd.nbd.is_some())?;
+    if config.nbd.nbd.is_some() && security.token.is_some() && !security.client_certs {
+        bail!(
+            "NBD clients cannot send the token, so --nbd would serve without it: add --tls-client-ca \
+             (with --tls-cert) so NBD clients are authenticated by certificate, or serve NBD only on \
+             --nbd-unix"
+        );
+    }
+    let chunking = config.chunking.then_some(config.chunk_size);
+    let block_sizes = config.nbd.block_sizes(chunking, config.common.max_request)?;
     let grpc_security = config.common.grpc.as_ref().map(|_| config.common.security.grpc()).transpose()?;
     let chunk_size = u32::try_from(config.chunk_size)
         .ok()
@@ -291,17 +366,25 @@ pub fn run(config: &Config, open_backend: impl FnOnce() -> anyhow::Result<Opened
         .thread_name("r3map-serve")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, security, grpc_security, chunk_size, max_request, open_backend))
+    let limits = Limits { chunk_size, max_request, block_sizes };
+    runtime.block_on(serve(config, security, grpc_security, limits, open_backend))
+}
+
+/// Checked sizes of a server.
+struct Limits {
+    chunk_size: u32,
+    max_request: u32,
+    block_sizes: BlockSizes,
 }
 
 async fn serve(
     config: &Config,
     security: Security,
     grpc_security: Option<GrpcSecurity>,
-    chunk_size: u32,
-    max_request: u32,
+    limits: Limits,
     open_backend: impl FnOnce() -> anyhow::Result<Opened>,
 ) -> anyhow::Result<()> {
+    let Limits { chunk_size, max_request, block_sizes } = limits;
     // Catch the signals before anything else, so one that arrives during start-up is not fatal.
     let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
@@ -321,13 +404,40 @@ async fn serve(
         Some(addr) => Some(bind_tcp(addr).await?),
         None => None,
     };
+    let nbd_tcp = match &config.nbd.nbd {
+        Some(addr) => Some(bind_tcp(addr).await?),
+        None => None,
+    };
+    let (nbd_unix, nbd_socket_file) = match &config.nbd.nbd_unix {
+        Some(path) => {
+            let (listener, file) = SocketFile::bind(path)?;
+            (Some(listener), Some(file))
+        }
+        None => (None, None),
+    };
     let metrics = match &config.common.metrics {
         Some(addr) => Some(install_metrics(addr)?),
         None => None,
     };
 
     let opened = open_backend()?;
+    let description = opened.description.clone();
     let (export, summary) = export(config, opened, chunk_size)?;
+    let nbd_server = if config.nbd.any() {
+        let nbd_export = NbdExport {
+            read_only: export.read_only,
+            description: Some(description),
+            block_sizes,
+            ..NbdExport::new(config.export.clone(), Arc::clone(&export.backend))
+        };
+        let mut nbd = NbdServer::new(vec![nbd_export]).context("cannot set up the NBD server")?;
+        if let ServerSecurity::Tls(tls) = &security.server {
+            nbd = nbd.with_tls(NbdTls { config: Arc::clone(tls), mode: TlsMode::Require });
+        }
+        Some(nbd)
+    } else {
+        None
+    };
     let grpc_export = grpc_security.map(|security| GrpcExport {
         backend: Arc::clone(&export.backend),
         seeder: export.seeder.clone(),
@@ -355,6 +465,22 @@ async fn serve(
     if let Some(l) = &grpc {
         let addr = l.local_addr().context("cannot read the gRPC listening address")?;
         places.push(format!("gRPC {addr}"));
+    }
+    if let Some(l) = &nbd_tcp {
+        let addr = l.local_addr().context("cannot read the NBD listening address")?;
+        places.push(format!("NBD {addr} [{}]", security.nbd_mode()));
+        if matches!(security.server, ServerSecurity::Plaintext) {
+            tracing::warn!(%addr, "NBD in plaintext: anyone who can reach this address can read and write the export");
+        } else if !security.client_certs {
+            tracing::warn!(
+                %addr,
+                "NBD over TLS without client certificates: anyone who can reach this address can read and \
+                 write the export (add --tls-client-ca)"
+            );
+        }
+    }
+    if let Some(path) = &config.nbd.nbd_unix {
+        places.push(format!("NBD unix:{}", path.display()));
     }
     let _ = write!(line, " on {}", places.join(" and "));
     if let Some(addr) = metrics {
@@ -397,9 +523,28 @@ async fn serve(
             _ => Ok(()),
         }
     };
-    let (tcp_result, unix_result, grpc_result) = tokio::join!(serve_tcp, serve_unix, serve_grpc);
+    let serve_nbd_tcp = async {
+        match (nbd_tcp, &nbd_server) {
+            (Some(listener), Some(nbd)) => nbd.serve_tcp(listener, stopped(stop_rx.clone())).await,
+            _ => Ok(()),
+        }
+    };
+    let serve_nbd_unix = async {
+        match (nbd_unix, &nbd_server) {
+            (Some(listener), Some(nbd)) => nbd.serve_unix(listener, stopped(stop_rx.clone())).await,
+            _ => Ok(()),
+        }
+    };
+    let (tcp_result, unix_result, grpc_result, nbd_tcp_result, nbd_unix_result) =
+        tokio::join!(serve_tcp, serve_unix, serve_grpc, serve_nbd_tcp, serve_nbd_unix);
     drop(socket_file);
-    tcp_result.and(unix_result).and(grpc_result).context("the final flush of the backend failed")?;
+    drop(nbd_socket_file);
+    tcp_result
+        .and(unix_result)
+        .and(grpc_result)
+        .and(nbd_tcp_result)
+        .and(nbd_unix_result)
+        .context("the final flush of the backend failed")?;
     tracing::info!("stopped: every request in flight finished and the backend is flushed");
     Ok(())
 }

@@ -681,3 +681,129 @@ fn cleanup_detaches_a_stale_mount() {
     let out = run(R3MAP, &["cleanup", mnt_arg]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to clean up"));
 }
+
+/// The NBD TCP address from a ready line (`... NBD 127.0.0.1:PORT [...]`).
+fn nbd_addr(ready: &str) -> String {
+    let (_, after) = ready.split_once("NBD ").expect("an NBD address in the ready line");
+    after.split(' ').next().unwrap().to_owned()
+}
+
+/// Whether `tool` is installed; prints the skip notice when it is not.
+fn have(tool: &str) -> bool {
+    let found = Command::new(tool).arg("--version").output().is_ok();
+    if !found {
+        println!("skipped: {tool} not installed");
+    }
+    found
+}
+
+#[test]
+fn nbd_clients_use_r3map_serve_over_tcp_and_unix() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.img");
+    let sock = dir.path().join("nbd.sock");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let url = format!("file://{}?size=16MiB", file.display());
+    let mut server = Proc::start(
+        R3MAP,
+        &[
+            "serve",
+            &url,
+            "--export",
+            "disk",
+            "--nbd",
+            "127.0.0.1:0",
+            "--nbd-unix",
+            &sock.display().to_string(),
+            "--nbd-preferred-block",
+            "64KiB",
+            "--insecure-plaintext",
+            "--metrics",
+            &metrics,
+        ],
+        dir.path(),
+        &[],
+    );
+    // Only NBD was asked for: no native listener.
+    assert!(!server.ready.contains(":1337"), "{}", server.ready);
+    let tcp = format!("nbd://{}/disk", nbd_addr(&server.ready));
+    let unix = format!("nbd+unix:///disk?socket={}", sock.display());
+    let out = run("qemu-io", &["-f", "raw", &tcp, "-c", "write -P 0x3c 1M 2M", "-c", "flush"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run("qemu-io", &["-f", "raw", &unix, "-c", "read -P 0x3c 1M 2M", "-c", "read -P 0 0 1M"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}");
+    let out = run("nbdinfo", &[&unix]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("export-size: 16777216"), "{text}");
+    assert!(text.contains("block_size_preferred: 65536"), "{text}");
+    assert!(text.contains("disk.img"), "the description names the backend: {text}");
+
+    let mut http = TcpStream::connect(&metrics).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    http.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    for w in ["r3map_nbd_requests_total{op=\"write\"}", "r3map_nbd_bytes_total{direction=\"read\"}"] {
+        assert!(response.contains(w), "{w:?} missing from:\n{response}");
+    }
+
+    server.interrupt();
+    assert!(server.wait(Duration::from_secs(30)).success(), "{}", server.stderr());
+    let data = fs::read(&file).unwrap();
+    assert!(data[1 << 20..3 << 20].iter().all(|&b| b == 0x3c));
+    assert!(!sock.exists(), "the NBD socket is removed on exit");
+}
+
+#[test]
+fn nbd_over_tls_with_certificates_from_r3map_certs() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let out = run(
+        R3MAP,
+        &["certs", "--out", &pki.display().to_string(), "--client", "alice", "--server-name", "localhost"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = |f: &str| pki.join(f).display().to_string();
+    // libnbd's certificate directory layout.
+    let libnbd = dir.path().join("libnbd");
+    fs::create_dir(&libnbd).unwrap();
+    fs::copy(pki.join("ca.pem"), libnbd.join("ca-cert.pem")).unwrap();
+    fs::copy(pki.join("client-alice.pem"), libnbd.join("client-cert.pem")).unwrap();
+    fs::copy(pki.join("client-alice-key.pem"), libnbd.join("client-key.pem")).unwrap();
+    let tls = ["--tls-cert", &p("server.pem"), "--tls-key", &p("server-key.pem")];
+
+    // A token cannot protect NBD: refused unless client certificates do.
+    let mut args = vec!["serve", "memory:4MiB", "--nbd", "127.0.0.1:0", "--token", "t"];
+    args.extend_from_slice(&tls);
+    let out = run(R3MAP, &args);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-client-ca"));
+
+    let mut args = vec!["serve", "memory:4MiB", "--nbd", "127.0.0.1:0", "--tls-client-ca"];
+    let ca = p("ca.pem");
+    args.push(&ca);
+    args.extend_from_slice(&tls);
+    let server = Proc::start(R3MAP, &args, dir.path(), &[]);
+    assert!(server.ready.contains("STARTTLS required, client certificates"), "{}", server.ready);
+    let port = nbd_addr(&server.ready).rsplit_once(':').unwrap().1.to_owned();
+    let uri = format!("nbds://localhost:{port}/default?tls-certificates={}", libnbd.display());
+    let out = run("nbdinfo", &[&uri]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("with TLS"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("nbdinfo", &[&format!("nbd://localhost:{port}/default")]);
+    assert!(!out.status.success(), "plaintext must be refused");
+}

@@ -247,6 +247,12 @@ pub enum ProtoError {
     NameNotUtf8,
     #[error("the list of information requests does not fit the option data")]
     InfoRequests,
+    #[error("the list of metadata context queries does not fit the option data")]
+    MetaQueries,
+    #[error("a metadata context query is longer than {MAX_NAME} bytes or not UTF-8")]
+    MetaQuery,
+    #[error("a block status payload of {0} bytes is not a context id and whole descriptors")]
+    BlockStatus(usize),
 }
 
 type Result<T> = std::result::Result<T, ProtoError>;
@@ -496,6 +502,109 @@ pub fn encode_rep_server(name: &str, description: Option<&str>) -> Vec<u8> {
     out
 }
 
+/// Metadata contexts: the names this crate knows and the status flags they report.
+pub mod meta {
+    /// The spec's allocation context: holes and ranges known to read as zeroes.
+    pub const BASE_ALLOCATION: &str = "base:allocation";
+    /// `base:allocation`: the range is not allocated.
+    pub const STATE_HOLE: u32 = 1 << 0;
+    /// `base:allocation`: the range reads as zeroes.
+    pub const STATE_ZERO: u32 = 1 << 1;
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: an export name and
+/// queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub export: String,
+    pub queries: Vec<String>,
+}
+
+impl MetaContextRequest {
+    /// # Errors
+    /// Lengths that do not add up to the option data, a bad export name or a bad query.
+    pub fn decode(data: &[u8]) -> Result<Self> {
+        let (export, rest) = take_string(data).ok_or(ProtoError::NameLength(prefix32(data)))?;
+        let export = decode_name(export)?;
+        if rest.len() < 4 {
+            return Err(ProtoError::MetaQueries);
+        }
+        let count = be32(rest, 0);
+        let mut rest = &rest[4..];
+        // Each query takes at least its 4-byte length: a count beyond that cannot be honest.
+        if usize::try_from(count).map_or(true, |c| c > rest.len() / 4) {
+            return Err(ProtoError::MetaQueries);
+        }
+        let mut queries = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let (q, next) = take_string(rest).ok_or(ProtoError::MetaQueries)?;
+            if q.len() > MAX_NAME {
+                return Err(ProtoError::MetaQuery);
+            }
+            queries.push(String::from_utf8(q.to_vec()).map_err(|_| ProtoError::MetaQuery)?);
+            rest = next;
+        }
+        if !rest.is_empty() {
+            return Err(ProtoError::MetaQueries);
+        }
+        Ok(Self { export, queries })
+    }
+
+    /// The option data (for clients and tests).
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&len32(self.export.as_bytes()).to_be_bytes());
+        out.extend_from_slice(self.export.as_bytes());
+        out.extend_from_slice(&u32::try_from(self.queries.len()).unwrap_or(u32::MAX).to_be_bytes());
+        for q in &self.queries {
+            out.extend_from_slice(&len32(q.as_bytes()).to_be_bytes());
+            out.extend_from_slice(q.as_bytes());
+        }
+        out
+    }
+}
+
+/// The first four bytes as a length, or 0 when there are fewer (for error messages).
+fn prefix32(b: &[u8]) -> u32 {
+    if b.len() >= 4 { be32(b, 0) } else { 0 }
+}
+
+/// Splits a 32-bit length and that many bytes off the front of `b`.
+fn take_string(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    if b.len() < 4 {
+        return None;
+    }
+    let len = usize::try_from(be32(b, 0)).ok()?;
+    let rest = &b[4..];
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+/// `NBD_REP_META_CONTEXT` data: the context's id and name.
+#[must_use]
+pub fn encode_rep_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// Decodes `NBD_REP_META_CONTEXT` data into the id and name.
+///
+/// # Errors
+/// Data shorter than the id, or a name that is not UTF-8 or too long.
+pub fn decode_rep_meta_context(data: &[u8]) -> Result<(u32, String)> {
+    if data.len() < 4 {
+        return Err(ProtoError::Length { expected: 4, got: data.len() });
+    }
+    let name = &data[4..];
+    if name.len() > MAX_NAME {
+        return Err(ProtoError::MetaQuery);
+    }
+    let name = String::from_utf8(name.to_vec()).map_err(|_| ProtoError::MetaQuery)?;
+    Ok((be32(data, 0), name))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transmission encoders and decoders
 
@@ -648,6 +757,51 @@ pub fn encode_offset_hole(cookie: u64, offset: u64, len: u32, done: bool) -> Vec
     out
 }
 
+/// One block status descriptor: a run of `len` bytes with the context's `flags`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDescriptor {
+    pub len: u32,
+    pub flags: u32,
+}
+
+/// A `BLOCK_STATUS` chunk for one metadata context.
+///
+/// # Panics
+/// If more than `(u32::MAX - 4) / 8` descriptors are given (callers bound them far lower).
+#[must_use]
+pub fn encode_block_status(
+    cookie: u64,
+    context: u32,
+    descriptors: &[BlockDescriptor],
+    done: bool,
+) -> Vec<u8> {
+    let flags = if done { reply_flags::DONE } else { 0 };
+    let len = u32::try_from(4 + 8 * descriptors.len()).expect("descriptor lists are bounded");
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + len as usize);
+    out.extend_from_slice(&ChunkHeader { flags, kind: reply_type::BLOCK_STATUS, cookie, len }.encode());
+    out.extend_from_slice(&context.to_be_bytes());
+    for d in descriptors {
+        out.extend_from_slice(&d.len.to_be_bytes());
+        out.extend_from_slice(&d.flags.to_be_bytes());
+    }
+    out
+}
+
+/// Decodes the payload of a `BLOCK_STATUS` chunk into the context id and its descriptors.
+///
+/// # Errors
+/// A payload without a context id or with a partial descriptor.
+pub fn decode_block_status(payload: &[u8]) -> Result<(u32, Vec<BlockDescriptor>)> {
+    if payload.len() < 4 || !(payload.len() - 4).is_multiple_of(8) {
+        return Err(ProtoError::BlockStatus(payload.len()));
+    }
+    let descriptors = payload[4..]
+        .chunks_exact(8)
+        .map(|c| BlockDescriptor { len: be32(c, 0), flags: be32(c, 4) })
+        .collect();
+    Ok((be32(payload, 0), descriptors))
+}
+
 /// The final `NONE` chunk of a structured reply.
 #[must_use]
 pub fn encode_none(cookie: u64) -> [u8; CHUNK_HEADER_LEN] {
@@ -783,6 +937,27 @@ mod tests {
             let _ = SimpleReply::decode(&bytes);
             let _ = ChunkHeader::decode(&bytes);
             let _ = decode_error_payload(&bytes);
+            let _ = MetaContextRequest::decode(&bytes);
+            let _ = decode_rep_meta_context(&bytes);
+            let _ = decode_block_status(&bytes);
+        }
+
+        #[test]
+        fn meta_context_requests_round_trip(
+            export in "[a-z]{0,8}",
+            queries in proptest::collection::vec("[a-z:]{0,12}", 0..4),
+        ) {
+            let r = MetaContextRequest { export, queries };
+            prop_assert_eq!(MetaContextRequest::decode(&r.encode()), Ok(r));
+        }
+
+        #[test]
+        fn block_status_round_trips(context: u32, runs in proptest::collection::vec((1u32.., any::<u32>()), 1..8)) {
+            let d: Vec<_> = runs.into_iter().map(|(len, flags)| BlockDescriptor { len, flags }).collect();
+            let chunk = encode_block_status(7, context, &d, true);
+            let h = ChunkHeader::decode(&chunk[..CHUNK_HEADER_LEN]).unwrap();
+            prop_assert_eq!(h.len as usize, chunk.len() - CHUNK_HEADER_LEN);
+            prop_assert_eq!(decode_block_status(&chunk[CHUNK_HEADER_LEN..]), Ok((context, d)));
         }
 
         #[test]

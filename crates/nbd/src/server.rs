@@ -12,7 +12,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use r3map_core::{Capabilities, SharedBackend};
+use r3map_net::security::BoxedIo;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -20,9 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::proto::{
-    self, Command, InfoRequest, OptionHeader, ProtoError, Request, SimpleReply, cmd_flags, errno,
-    handshake_flags, info, opt, rep, transmission_flags,
+    self, BlockDescriptor, Command, InfoRequest, MetaContextRequest, OptionHeader, ProtoError, Request,
+    SimpleReply, cmd_flags, errno, handshake_flags, info, opt, rep, transmission_flags,
 };
+use crate::status::{self, ChunkStates, Context};
 
 /// How long a client may take from connecting to entering transmission.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +43,46 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 /// Unit of the per-connection in-flight budget.
 const BUDGET_UNIT: u32 = 64 * 1024;
 
+/// Block sizes announced with `NBD_INFO_BLOCK_SIZE`.
+///
+/// `min` and `preferred` are advice to clients (the backend copes with any alignment);
+/// `max` is enforced: longer reads and writes are refused with `EOVERFLOW`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub min: u32,
+    pub preferred: u32,
+    pub max: u32,
+}
+
+impl Default for BlockSizes {
+    fn default() -> Self {
+        Self { min: MIN_BLOCK, preferred: PREFERRED_BLOCK, max: proto::MAX_REQUEST }
+    }
+}
+
+impl BlockSizes {
+    /// # Errors
+    /// Sizes that are not powers of two, not in `min <= preferred`, `min <= max` order, a
+    /// minimum above 64 KiB, a preferred size above 32 MiB, or a maximum above
+    /// [`proto::MAX_REQUEST`] (the spec's rules).
+    pub fn new(min: u32, preferred: u32, max: u32) -> Result<Self, ConfigError> {
+        let bad = |why: &str| Err(ConfigError::BlockSizes(format!("{min}/{preferred}/{max}: {why}")));
+        if !min.is_power_of_two() || !preferred.is_power_of_two() {
+            return bad("the minimum and preferred sizes must be powers of two");
+        }
+        if min > 64 * 1024 {
+            return bad("the minimum may be at most 64 KiB");
+        }
+        if preferred > 32 * 1024 * 1024 || preferred < min {
+            return bad("the preferred size must be at most 32 MiB and not below the minimum");
+        }
+        if max > proto::MAX_REQUEST || max < min || !max.is_multiple_of(min) {
+            return bad("the maximum must be a multiple of the minimum and at most 32 MiB");
+        }
+        Ok(Self { min, preferred, max })
+    }
+}
+
 /// One named export.
 #[derive(Clone)]
 pub struct NbdExport {
@@ -49,16 +93,39 @@ pub struct NbdExport {
     pub read_only: bool,
     /// Shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
     pub description: Option<String>,
+    /// Announced with `NBD_INFO_BLOCK_SIZE`.
+    pub block_sizes: BlockSizes,
+    /// Chunk states of an export that is the local side of a pull/push pipeline: offered as the
+    /// `r3map:chunks` metadata context, and `NBD_CMD_CACHE` pulls through it.
+    pub chunk_states: Option<Arc<dyn ChunkStates>>,
 }
 
 impl NbdExport {
     /// A writable export without a description.
     pub fn new(name: impl Into<String>, backend: SharedBackend) -> Self {
-        Self { name: name.into(), backend, read_only: false, description: None }
+        Self {
+            name: name.into(),
+            backend,
+            read_only: false,
+            description: None,
+            block_sizes: BlockSizes::default(),
+            chunk_states: None,
+        }
+    }
+
+    /// Offers `r3map:chunks` from `states` and pulls through it on `NBD_CMD_CACHE`.
+    #[must_use]
+    pub fn with_chunk_states(mut self, states: Arc<dyn ChunkStates>) -> Self {
+        self.chunk_states = Some(states);
+        self
     }
 
     fn read_only(&self, caps: Capabilities) -> bool {
         self.read_only || caps.read_only
+    }
+
+    fn contexts(&self) -> &'static [Context] {
+        Context::offered(self.chunk_states.is_some())
     }
 
     /// The transmission flags this export is announced with.
@@ -90,7 +157,35 @@ impl fmt::Debug for NbdExport {
             .field("size", &self.backend.size())
             .field("read_only", &self.read_only)
             .field("description", &self.description)
+            .field("block_sizes", &self.block_sizes)
+            .field("chunk_states", &self.chunk_states.is_some())
             .finish()
+    }
+}
+
+/// Whether clients must upgrade to TLS with `NBD_OPT_STARTTLS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Every option but `STARTTLS` and `ABORT` is refused with `NBD_REP_ERR_TLS_REQD` until the
+    /// client has upgraded (on TCP; Unix sockets and handed-over streams offer TLS without
+    /// requiring it, as the native protocol does).
+    Require,
+    /// Clients may upgrade or not.
+    Allow,
+}
+
+/// TLS for `NBD_OPT_STARTTLS`: a rustls configuration (from
+/// [`r3map_net::server_tls`], so the native protocol's certificates work here too, with client
+/// certificates for authentication) and the policy.
+#[derive(Clone)]
+pub struct NbdTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub mode: TlsMode,
+}
+
+impl fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NbdTls").field("mode", &self.mode).finish_non_exhaustive()
     }
 }
 
@@ -103,6 +198,8 @@ pub enum ConfigError {
     DuplicateName(String),
     #[error("an export name is longer than {} bytes", proto::MAX_NAME)]
     NameTooLong,
+    #[error("bad block sizes {0}")]
+    BlockSizes(String),
 }
 
 /// Why a connection ended before or outside a clean disconnect.
@@ -118,6 +215,10 @@ pub enum ConnectionError {
     TooManyOptions,
     #[error("the client did not finish the handshake within {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout,
+    #[error("the client chose an export without starting TLS, which this server requires")]
+    TlsRequired,
+    #[error("the TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
 
 /// An NBD server for one or more exports. Cheap to clone; serve it on as many listeners as you
@@ -125,11 +226,12 @@ pub enum ConnectionError {
 #[derive(Clone)]
 pub struct NbdServer {
     exports: Arc<Vec<NbdExport>>,
+    tls: Option<NbdTls>,
 }
 
 impl fmt::Debug for NbdServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NbdServer").field("exports", &self.exports).finish()
+        f.debug_struct("NbdServer").field("exports", &self.exports).field("tls", &self.tls).finish()
     }
 }
 
@@ -137,6 +239,33 @@ impl fmt::Debug for NbdServer {
 struct Session {
     export: usize,
     structured: bool,
+    /// The selected metadata contexts; context id `i + 1` is `contexts[i]`.
+    contexts: Vec<Context>,
+}
+
+/// Option haggling state that `NBD_OPT_STARTTLS` resets.
+#[derive(Default)]
+struct Haggle {
+    structured: bool,
+    /// The export `NBD_OPT_SET_META_CONTEXT` named and what it selected.
+    meta: Option<(usize, Vec<Context>)>,
+}
+
+impl Haggle {
+    fn session(self, export: usize) -> Session {
+        let contexts = match self.meta {
+            Some((e, contexts)) if e == export => contexts,
+            _ => Vec::new(),
+        };
+        Session { export, structured: self.structured, contexts }
+    }
+}
+
+/// How a negotiation ended.
+enum Negotiated {
+    Transmit(Session, BoxedIo),
+    /// The client aborted or hung up.
+    Left,
 }
 
 impl NbdServer {
@@ -154,7 +283,14 @@ impl NbdServer {
                 return Err(ConfigError::DuplicateName(e.name.clone()));
             }
         }
-        Ok(Self { exports: Arc::new(exports) })
+        Ok(Self { exports: Arc::new(exports), tls: None })
+    }
+
+    /// Offers TLS with `NBD_OPT_STARTTLS` (and requires it on TCP when `tls.mode` says so).
+    #[must_use]
+    pub fn with_tls(mut self, tls: NbdTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The exports, in the order given.
@@ -164,7 +300,7 @@ impl NbdServer {
     }
 
     /// Serves TCP connections until `shutdown` completes, then finishes requests in flight and
-    /// flushes every export.
+    /// flushes every export. With [`TlsMode::Require`], clients must start TLS first.
     ///
     /// # Errors
     /// A failed final flush.
@@ -178,10 +314,12 @@ impl NbdServer {
             let _ = stream.set_nodelay(true);
             Ok((stream, peer.to_string()))
         };
-        self.serve(accept, shutdown).await
+        let require_tls = self.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require);
+        self.serve(accept, shutdown, require_tls).await
     }
 
     /// Serves Unix socket connections until `shutdown` completes, as [`NbdServer::serve_tcp`].
+    /// TLS is offered when configured, never required: the socket file's permissions guard it.
     ///
     /// # Errors
     /// A failed final flush.
@@ -194,11 +332,12 @@ impl NbdServer {
             let (stream, _) = listener.accept().await?;
             Ok((stream, "unix".to_owned()))
         };
-        self.serve(accept, shutdown).await
+        self.serve(accept, shutdown, false).await
     }
 
     /// Serves one connected stream until the client disconnects or `shutdown` completes (requests
-    /// in flight still finish). Does not flush the exports beyond what the client asks for.
+    /// in flight still finish). Does not flush the exports beyond what the client asks for. TLS
+    /// is offered when configured, never required.
     ///
     /// # Errors
     /// What ended the connection, when it was not a clean disconnect.
@@ -208,10 +347,10 @@ impl NbdServer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ConnectionError>
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let conn = self.connection(stream, stop_rx);
+        let conn = self.connection(Box::new(stream), stop_rx, false);
         tokio::pin!(conn, shutdown);
         tokio::select! {
             r = &mut conn => r,
@@ -222,11 +361,16 @@ impl NbdServer {
         }
     }
 
-    async fn serve<F, Fut, S>(&self, accept: F, shutdown: impl Future<Output = ()>) -> io::Result<()>
+    async fn serve<F, Fut, S>(
+        &self,
+        accept: F,
+        shutdown: impl Future<Output = ()>,
+        require_tls: bool,
+    ) -> io::Result<()>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<(S, String)>>,
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
@@ -240,10 +384,13 @@ impl NbdServer {
                         let stop = stop_rx.clone();
                         connections.spawn(async move {
                             tracing::debug!(%peer, "NBD client connected");
-                            match server.connection(stream, stop).await {
+                            metrics::counter!("r3map_nbd_connections_total").increment(1);
+                            metrics::gauge!("r3map_nbd_connections").increment(1);
+                            match server.connection(Box::new(stream), stop, require_tls).await {
                                 Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                                 Err(e) => tracing::info!(%peer, error = %e, "NBD connection ended with an error"),
                             }
+                            metrics::gauge!("r3map_nbd_connections").decrement(1);
                         });
                     }
                     Err(e) => {
@@ -277,53 +424,72 @@ impl NbdServer {
         .map_err(io::Error::other)?
     }
 
-    async fn connection<S>(&self, stream: S, mut stop: watch::Receiver<bool>) -> Result<(), ConnectionError>
-    where
-        S: AsyncRead + AsyncWrite + Send + 'static,
-    {
-        let (rd, wr) = tokio::io::split(stream);
-        let mut rd = BufReader::with_capacity(256 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    async fn connection(
+        &self,
+        stream: BoxedIo,
+        mut stop: watch::Receiver<bool>,
+        require_tls: bool,
+    ) -> Result<(), ConnectionError> {
         let negotiated = tokio::select! {
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(&mut rd, &mut wr)) => r,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(stream, require_tls)) => r,
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
-        let session = match negotiated {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => return Ok(()),
+        let (session, stream) = match negotiated {
+            Ok(Ok(Negotiated::Transmit(s, stream))) => (s, stream),
+            Ok(Ok(Negotiated::Left)) => return Ok(()),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(ConnectionError::HandshakeTimeout),
         };
         let export = self.exports[session.export].clone();
-        tracing::debug!(export = %export.name, structured = session.structured, "NBD transmission");
-        transmission(rd, wr, export, session.structured, stop).await.map_err(ConnectionError::from)
+        tracing::debug!(
+            export = %export.name,
+            structured = session.structured,
+            contexts = ?session.contexts,
+            "NBD transmission"
+        );
+        let (rd, wr) = tokio::io::split(stream);
+        let rd = BufReader::with_capacity(256 * 1024, rd);
+        let wr = BufWriter::with_capacity(256 * 1024, wr);
+        let conn = Conn { export, structured: session.structured, contexts: session.contexts };
+        transmission(rd, wr, conn, stop).await.map_err(ConnectionError::from)
     }
 
-    /// Runs option haggling. `Ok(None)`: the client aborted or left.
-    async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, ConnectionError>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        wr.write_all(&proto::encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES))
+    /// Runs option haggling on an unbuffered stream (nothing may be read ahead of a TLS upgrade).
+    async fn negotiate(&self, mut io: BoxedIo, require_tls: bool) -> Result<Negotiated, ConnectionError> {
+        io.write_all(&proto::encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES))
             .await?;
-        wr.flush().await?;
+        io.flush().await?;
         let mut flags = [0u8; 4];
-        rd.read_exact(&mut flags).await?;
+        io.read_exact(&mut flags).await?;
         let client = proto::decode_client_flags(&flags)?;
         let no_zeroes = client & proto::client_flags::NO_ZEROES != 0;
-        let mut structured = false;
+        let mut state = Haggle::default();
+        let mut tls_active = false;
         for _ in 0..MAX_OPTIONS {
             let mut header = [0u8; proto::OPTION_HEADER_LEN];
-            match rd.read_exact(&mut header).await {
+            match io.read_exact(&mut header).await {
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Left),
                 Err(e) => return Err(e.into()),
             }
             let h = OptionHeader::decode(&header)?;
             let mut data = vec![0u8; h.len as usize];
-            rd.read_exact(&mut data).await?;
-            match h.option {
+            io.read_exact(&mut data).await?;
+            let o = h.option;
+            if require_tls && !tls_active && !matches!(o, opt::STARTTLS | opt::ABORT) {
+                if o == opt::EXPORT_NAME {
+                    return Err(ConnectionError::TlsRequired);
+                }
+                send_error(
+                    &mut io,
+                    o,
+                    rep::ERR_TLS_REQD,
+                    "this server requires TLS: send NBD_OPT_STARTTLS first",
+                )
+                .await?;
+                continue;
+            }
+            match o {
                 opt::EXPORT_NAME => {
                     let name = proto::decode_name(&data)?;
                     let Some(index) = self.find(&name) else {
@@ -333,52 +499,121 @@ impl NbdServer {
                     let e = &self.exports[index];
                     let reply =
                         proto::encode_export_name_reply(e.backend.size(), e.transmission_flags(), no_zeroes);
-                    wr.write_all(&reply).await?;
-                    wr.flush().await?;
-                    return Ok(Some(Session { export: index, structured }));
+                    io.write_all(&reply).await?;
+                    io.flush().await?;
+                    return Ok(Negotiated::Transmit(state.session(index), io));
                 }
                 opt::ABORT => {
                     // The client may hang up without reading the acknowledgement.
-                    let _ = send_reply(wr, h.option, rep::ACK, &[]).await;
-                    return Ok(None);
+                    let _ = send_reply(&mut io, o, rep::ACK, &[]).await;
+                    return Ok(Negotiated::Left);
                 }
                 opt::LIST => {
                     if data.is_empty() {
                         for e in self.exports.iter() {
                             let d = proto::encode_rep_server(&e.name, e.description.as_deref());
-                            send_reply(wr, h.option, rep::SERVER, &d).await?;
+                            send_reply(&mut io, o, rep::SERVER, &d).await?;
                         }
-                        send_reply(wr, h.option, rep::ACK, &[]).await?;
+                        send_reply(&mut io, o, rep::ACK, &[]).await?;
                     } else {
-                        send_error(wr, h.option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                        send_error(&mut io, o, rep::ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
                     }
                 }
                 opt::STRUCTURED_REPLY => {
-                    if data.is_empty() {
-                        structured = true;
-                        send_reply(wr, h.option, rep::ACK, &[]).await?;
-                    } else {
+                    if !data.is_empty() {
                         let msg = "NBD_OPT_STRUCTURED_REPLY takes no data";
-                        send_error(wr, h.option, rep::ERR_INVALID, msg).await?;
+                        send_error(&mut io, o, rep::ERR_INVALID, msg).await?;
+                    } else if state.structured {
+                        let msg = "structured replies are already negotiated";
+                        send_error(&mut io, o, rep::ERR_INVALID, msg).await?;
+                    } else {
+                        state.structured = true;
+                        send_reply(&mut io, o, rep::ACK, &[]).await?;
                     }
                 }
                 opt::STARTTLS => {
-                    send_error(wr, h.option, rep::ERR_POLICY, "this server does not offer TLS").await?;
+                    let refusal = match &self.tls {
+                        None => Some((rep::ERR_POLICY, "this server does not offer TLS")),
+                        Some(_) if tls_active => Some((rep::ERR_INVALID, "TLS is already running")),
+                        Some(_) if !data.is_empty() => {
+                            Some((rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data"))
+                        }
+                        Some(_) => None,
+                    };
+                    if let Some((reply, msg)) = refusal {
+                        send_error(&mut io, o, reply, msg).await?;
+                        continue;
+                    }
+                    send_reply(&mut io, o, rep::ACK, &[]).await?;
+                    io = self.start_tls(io).await?;
+                    tls_active = true;
+                    // What was haggled in plaintext does not carry over.
+                    state = Haggle::default();
                 }
                 opt::INFO | opt::GO => {
-                    if let Some(index) = self.info(wr, h.option, &data).await?
-                        && h.option == opt::GO
+                    if let Some(index) = self.info(&mut io, o, &data).await?
+                        && o == opt::GO
                     {
-                        return Ok(Some(Session { export: index, structured }));
+                        return Ok(Negotiated::Transmit(state.session(index), io));
                     }
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    self.meta_context(&mut io, o, &data, &mut state).await?;
                 }
                 other => {
                     let msg = format!("option {other} is not supported by this server");
-                    send_error(wr, other, rep::ERR_UNSUP, &msg).await?;
+                    send_error(&mut io, other, rep::ERR_UNSUP, &msg).await?;
                 }
             }
         }
         Err(ConnectionError::TooManyOptions)
+    }
+
+    async fn start_tls(&self, io: BoxedIo) -> Result<BoxedIo, ConnectionError> {
+        let Some(tls) = &self.tls else {
+            return Err(ConnectionError::Tls(io::Error::other("TLS is not configured")));
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+        let stream = acceptor.accept(io).await.map_err(ConnectionError::Tls)?;
+        Ok(Box::new(stream))
+    }
+
+    /// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
+    async fn meta_context(
+        &self,
+        io: &mut BoxedIo,
+        option: u32,
+        data: &[u8],
+        state: &mut Haggle,
+    ) -> io::Result<()> {
+        let setting = option == opt::SET_META_CONTEXT;
+        if setting {
+            // A failed or refused SET leaves nothing selected.
+            state.meta = None;
+        }
+        if !state.structured {
+            let msg = "metadata contexts need structured replies: send NBD_OPT_STRUCTURED_REPLY first";
+            return send_error(io, option, rep::ERR_INVALID, msg).await;
+        }
+        let request = match MetaContextRequest::decode(data) {
+            Ok(r) => r,
+            Err(e) => return send_error(io, option, rep::ERR_INVALID, &e.to_string()).await,
+        };
+        let Some(index) = self.find(&request.export) else {
+            let msg = format!("no export named '{}'", request.export);
+            return send_error(io, option, rep::ERR_UNKNOWN, &msg).await;
+        };
+        let selected = status::select(self.exports[index].contexts(), &request.queries, !setting);
+        for (i, c) in selected.iter().enumerate() {
+            // Listed contexts have id 0, as the spec asks; selected ones are numbered from 1.
+            let id = if setting { u32::try_from(i + 1).unwrap_or(u32::MAX) } else { 0 };
+            send_reply(io, option, rep::META_CONTEXT, &proto::encode_rep_meta_context(id, c.name())).await?;
+        }
+        send_reply(io, option, rep::ACK, &[]).await?;
+        if setting {
+            state.meta = Some((index, selected));
+        }
+        Ok(())
     }
 
     /// Answers `NBD_OPT_INFO` or `NBD_OPT_GO`; `Some(index)` when it was answered with success.
@@ -421,7 +656,8 @@ impl NbdServer {
                     None => continue,
                 },
                 info::BLOCK_SIZE => {
-                    proto::encode_info_block_size(MIN_BLOCK, PREFERRED_BLOCK, proto::MAX_REQUEST)
+                    let b = e.block_sizes;
+                    proto::encode_info_block_size(b.min, b.preferred, b.max)
                 }
                 _ => continue,
             };
@@ -463,6 +699,13 @@ async fn send_error<W: AsyncWrite + Unpin>(
 // ---------------------------------------------------------------------------------------------
 // Transmission
 
+/// What one connection serves, settled by negotiation.
+struct Conn {
+    export: NbdExport,
+    structured: bool,
+    contexts: Vec<Context>,
+}
+
 /// One request, checked and ready for the backend.
 struct Job {
     cmd: Command,
@@ -480,28 +723,36 @@ fn refuse(error: u32, message: impl Into<String>) -> Refusal {
     Refusal { error, message: message.into() }
 }
 
-/// The NBD error for a backend error.
+/// The NBD error for a backend error: the native protocol's mapping, narrowed to the values
+/// the NBD spec allows (`EFBIG` counts as `ENOSPC`, as the spec asks).
 #[must_use]
 pub fn errno_of(e: &io::Error) -> u32 {
-    use io::ErrorKind as K;
-    match e.kind() {
-        K::PermissionDenied | K::ReadOnlyFilesystem => errno::EPERM,
-        K::InvalidInput => errno::EINVAL,
-        K::StorageFull | K::QuotaExceeded | K::FileTooLarge => errno::ENOSPC,
-        K::Unsupported => errno::ENOTSUP,
-        K::OutOfMemory => errno::ENOMEM,
+    if e.kind() == io::ErrorKind::FileTooLarge {
+        return errno::ENOSPC;
+    }
+    match r3map_net::errno::from_io(e) {
+        c @ (errno::EPERM
+        | errno::EIO
+        | errno::ENOMEM
+        | errno::EINVAL
+        | errno::ENOSPC
+        | errno::EOVERFLOW
+        | errno::ENOTSUP
+        | errno::ESHUTDOWN) => c,
         _ => errno::EIO,
     }
 }
 
-/// Checks a request against the export; what is returned is sent as the error reply.
-fn check(req: &Request, export: &NbdExport, size: u64, caps: Capabilities) -> Result<Command, Refusal> {
+/// Checks a request against the connection; what is returned is sent as the error reply.
+fn check(req: &Request, conn: &Conn, size: u64, caps: Capabilities) -> Result<Command, Refusal> {
+    let export = &conn.export;
     let Some(cmd) = req.command() else {
         return Err(refuse(errno::EINVAL, format!("unknown command {}", req.kind)));
     };
     let allowed = match cmd {
         Command::Read => cmd_flags::FUA | cmd_flags::DF,
         Command::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+        Command::BlockStatus => cmd_flags::FUA | cmd_flags::REQ_ONE,
         _ => cmd_flags::FUA,
     };
     if req.flags & !allowed != 0 {
@@ -515,15 +766,21 @@ fn check(req: &Request, export: &NbdExport, size: u64, caps: Capabilities) -> Re
     if writes && read_only {
         return Err(refuse(errno::EPERM, format!("the export '{}' is read-only", export.name)));
     }
-    if matches!(cmd, Command::Read | Command::Write) && req.length > proto::MAX_REQUEST {
+    let max = export.block_sizes.max;
+    if matches!(cmd, Command::Read | Command::Write) && req.length > max {
         return Err(refuse(
             errno::EOVERFLOW,
-            format!("a request of {} bytes is larger than the limit of {}", req.length, proto::MAX_REQUEST),
+            format!("a request of {} bytes is larger than the limit of {max}", req.length),
         ));
     }
     let in_range = req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= size);
     match cmd {
-        Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::Cache
+        Command::Read
+        | Command::Write
+        | Command::Trim
+        | Command::WriteZeroes
+        | Command::Cache
+        | Command::BlockStatus
             if !in_range =>
         {
             // Writes past the end are "no space" (the spec's choice); everything else is invalid.
@@ -546,28 +803,58 @@ fn check(req: &Request, export: &NbdExport, size: u64, caps: Capabilities) -> Re
         Command::WriteZeroes if !caps.write_zeroes => {
             Err(refuse(errno::ENOTSUP, "this export does not support write zeroes"))
         }
-        Command::BlockStatus | Command::Resize | Command::Disc => {
+        Command::BlockStatus if conn.contexts.is_empty() => Err(refuse(
+            errno::EINVAL,
+            "block status needs metadata contexts selected with NBD_OPT_SET_META_CONTEXT",
+        )),
+        Command::BlockStatus if req.length == 0 => Err(refuse(errno::EINVAL, "block status of zero bytes")),
+        Command::Resize | Command::Disc => {
             Err(refuse(errno::EINVAL, format!("{} is not supported by this server", cmd.name())))
         }
         _ => Ok(cmd),
     }
 }
 
-/// Runs a checked request on the backend and encodes its reply.
-fn execute(export: &NbdExport, job: Job, structured: bool) -> Vec<u8> {
+/// Runs a checked request on the backend and encodes its reply, counting it in the metrics.
+fn execute(conn: &Conn, job: Job) -> Vec<u8> {
+    let started = Instant::now();
+    let name = job.cmd.name();
+    let (reply, ok) = run(conn, job);
+    metrics::counter!("r3map_nbd_requests_total", "op" => name).increment(1);
+    metrics::histogram!("r3map_nbd_request_seconds", "op" => name).record(started.elapsed().as_secs_f64());
+    if !ok {
+        metrics::counter!("r3map_nbd_errors_total", "op" => name).increment(1);
+    }
+    reply
+}
+
+/// The reply to a checked request, and whether it succeeded.
+fn run(conn: &Conn, job: Job) -> (Vec<u8>, bool) {
+    let export = &conn.export;
     let backend = &export.backend;
     let Job { cmd, req, payload } = job;
     let fua = req.flags & cmd_flags::FUA != 0;
     let len = u64::from(req.length);
     let result = match cmd {
-        Command::Read => return read_reply(export, &req, structured),
-        Command::Write => backend.write_at(&payload, req.offset),
+        Command::Read => return read_reply(conn, &req),
+        Command::BlockStatus => return (block_status_reply(conn, &req), true),
+        Command::Write => {
+            let r = backend.write_at(&payload, req.offset);
+            if r.is_ok() {
+                metrics::counter!("r3map_nbd_bytes_total", "direction" => "write").increment(len);
+            }
+            r
+        }
         Command::Flush => backend.flush(),
         Command::Trim => backend.trim(req.offset, len),
         Command::WriteZeroes => backend.write_zeroes(req.offset, len),
-        // CACHE asks the server to prefetch; the backends here either hold the data already or
-        // fetch it on the first read, so it succeeds without doing anything.
-        Command::Cache | Command::Disc | Command::BlockStatus | Command::Resize => Ok(()),
+        // Exports without chunk states either hold the data already or fetch it on the first
+        // read: there is nothing to prefetch.
+        Command::Cache => match &export.chunk_states {
+            Some(states) => states.prefetch(req.offset, len),
+            None => Ok(()),
+        },
+        Command::Disc | Command::Resize => Ok(()),
     };
     let result = result.and_then(|()| {
         if fua && matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes) {
@@ -577,35 +864,104 @@ fn execute(export: &NbdExport, job: Job, structured: bool) -> Vec<u8> {
         }
     });
     match result {
-        Ok(()) => SimpleReply { error: 0, cookie: req.cookie }.encode().to_vec(),
+        Ok(()) => (SimpleReply { error: 0, cookie: req.cookie }.encode().to_vec(), true),
         Err(e) => {
             tracing::debug!(command = cmd.name(), offset = req.offset, length = req.length, error = %e, "NBD request failed");
-            error_reply(req.cookie, errno_of(&e), &e.to_string(), structured)
+            (error_reply(req.cookie, errno_of(&e), &e.to_string(), conn.structured), false)
         }
     }
 }
 
-fn read_reply(export: &NbdExport, req: &Request, structured: bool) -> Vec<u8> {
-    let len = req.length as usize;
-    if structured && len == 0 {
-        return proto::encode_none(req.cookie).to_vec();
-    }
-    let prefix = if structured { proto::OFFSET_DATA_PREFIX } else { proto::SIMPLE_REPLY_LEN };
-    let mut out = vec![0u8; prefix + len];
-    match export.backend.read_at(&mut out[prefix..], req.offset) {
-        Ok(()) => {
-            if structured {
-                proto::encode_offset_data_prefix(&mut out, req.cookie, req.offset, len, true);
-            } else {
-                SimpleReply { error: 0, cookie: req.cookie }.encode_into(&mut out);
+/// One `BLOCK_STATUS` chunk per selected context, the last one marked done.
+fn block_status_reply(conn: &Conn, req: &Request) -> Vec<u8> {
+    let max = if req.flags & cmd_flags::REQ_ONE != 0 { 1 } else { status::MAX_DESCRIPTORS };
+    let mut out = Vec::new();
+    for (i, context) in conn.contexts.iter().enumerate() {
+        let descriptors: Vec<BlockDescriptor> = match (context, &conn.export.chunk_states) {
+            (Context::Chunks, Some(states)) => status::chunks(&**states, req.offset, req.length, max),
+            // Only offered with chunk states; report plain data if that ever changes.
+            (Context::Chunks, None) => vec![BlockDescriptor { len: req.length, flags: 0 }],
+            (Context::Allocation, _) => {
+                status::allocation(&*conn.export.backend, req.offset, req.length, max)
             }
-            out
+        };
+        let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        let done = i + 1 == conn.contexts.len();
+        out.extend_from_slice(&proto::encode_block_status(req.cookie, id, &descriptors, done));
+    }
+    out
+}
+
+/// A read's reply: simple, or structured with `OFFSET_HOLE` chunks where the backend reports
+/// holes (unless the client asked for one chunk with `DF`).
+fn read_reply(conn: &Conn, req: &Request) -> (Vec<u8>, bool) {
+    let backend = &conn.export.backend;
+    let len = req.length as usize;
+    let structured = conn.structured;
+    if structured && len == 0 {
+        return (proto::encode_none(req.cookie).to_vec(), true);
+    }
+    let layout = if structured && req.flags & cmd_flags::DF == 0 {
+        status::read_layout(&**backend, req.offset, u64::from(req.length))
+    } else {
+        None
+    };
+    let result = match layout {
+        Some(runs) => read_runs(&**backend, req.cookie, &runs),
+        None => {
+            let prefix = if structured { proto::OFFSET_DATA_PREFIX } else { proto::SIMPLE_REPLY_LEN };
+            let mut out = vec![0u8; prefix + len];
+            backend.read_at(&mut out[prefix..], req.offset).map(|()| {
+                if structured {
+                    proto::encode_offset_data_prefix(&mut out, req.cookie, req.offset, len, true);
+                } else {
+                    SimpleReply { error: 0, cookie: req.cookie }.encode_into(&mut out);
+                }
+                out
+            })
+        }
+    };
+    match result {
+        Ok(out) => {
+            metrics::counter!("r3map_nbd_bytes_total", "direction" => "read")
+                .increment(u64::from(req.length));
+            (out, true)
         }
         Err(e) => {
             tracing::debug!(offset = req.offset, length = req.length, error = %e, "NBD read failed");
-            error_reply(req.cookie, errno_of(&e), &e.to_string(), structured)
+            (error_reply(req.cookie, errno_of(&e), &e.to_string(), structured), false)
         }
     }
+}
+
+/// Structured read chunks for runs of data and holes, the last one marked done.
+fn read_runs(
+    backend: &dyn r3map_core::Backend,
+    cookie: u64,
+    runs: &[(std::ops::Range<u64>, bool)],
+) -> io::Result<Vec<u8>> {
+    let data: usize = runs
+        .iter()
+        .filter(|(_, hole)| !hole)
+        .map(|(r, _)| r3map_core::geometry::to_usize(r.end - r.start))
+        .sum();
+    let mut out = Vec::with_capacity(data + runs.len() * proto::OFFSET_DATA_PREFIX);
+    for (i, (range, hole)) in runs.iter().enumerate() {
+        let done = i + 1 == runs.len();
+        let n = range.end - range.start;
+        if *hole {
+            // Runs lie within one request, whose length is a u32.
+            let n = u32::try_from(n).map_err(io::Error::other)?;
+            out.extend_from_slice(&proto::encode_offset_hole(cookie, range.start, n, done));
+        } else {
+            let n = r3map_core::geometry::to_usize(n);
+            let at = out.len();
+            out.resize(at + proto::OFFSET_DATA_PREFIX + n, 0);
+            backend.read_at(&mut out[at + proto::OFFSET_DATA_PREFIX..], range.start)?;
+            proto::encode_offset_data_prefix(&mut out[at..], cookie, range.start, n, done);
+        }
+    }
+    Ok(out)
 }
 
 fn error_reply(cookie: u64, error: u32, message: &str, structured: bool) -> Vec<u8> {
@@ -621,20 +977,15 @@ fn cost(len: u32) -> u32 {
     1 + len / BUDGET_UNIT
 }
 
-async fn transmission<R, W>(
-    mut rd: R,
-    wr: W,
-    export: NbdExport,
-    structured: bool,
-    mut stop: watch::Receiver<bool>,
-) -> io::Result<()>
+async fn transmission<R, W>(mut rd: R, wr: W, conn: Conn, mut stop: watch::Receiver<bool>) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let size = export.backend.size();
-    let caps = export.backend.capabilities();
-    let export = Arc::new(export);
+    let size = conn.export.backend.size();
+    let caps = conn.export.backend.capabilities();
+    let structured = conn.structured;
+    let conn = Arc::new(conn);
     // Each reply travels with its share of the budget, released once it is written, so a
     // client that stops reading stops the server from reading its requests too.
     let (tx, rx) = mpsc::unbounded_channel::<(Vec<u8>, OwnedSemaphorePermit)>();
@@ -663,7 +1014,7 @@ where
         if req.command() == Some(Command::Disc) {
             break Ok(());
         }
-        let checked = check(&req, &export, size, caps);
+        let checked = check(&req, &conn, size, caps);
         let mut payload = Vec::new();
         if req.command() == Some(Command::Write) {
             if checked.is_ok() {
@@ -683,6 +1034,7 @@ where
             Ok(cmd) => cmd,
             Err(r) => {
                 tracing::debug!(kind = req.kind, offset = req.offset, length = req.length, message = %r.message, "NBD request refused");
+                metrics::counter!("r3map_nbd_refused_total").increment(1);
                 let Some(permit) = acquire(&budget, 1, &mut stop).await else {
                     break Ok(());
                 };
@@ -694,10 +1046,10 @@ where
         let Some(permit) = acquire(&budget, units, &mut stop).await else {
             break Ok(());
         };
-        let export = Arc::clone(&export);
+        let conn = Arc::clone(&conn);
         let tx = tx.clone();
         tokio::task::spawn_blocking(move || {
-            let reply = execute(&export, Job { cmd, req, payload }, structured);
+            let reply = execute(&conn, Job { cmd, req, payload });
             let _ = tx.send((reply, permit));
         });
     };
@@ -769,7 +1121,12 @@ mod tests {
     use r3map_core::Memory;
 
     fn export(read_only: bool) -> NbdExport {
-        NbdExport { read_only, ..NbdExport::new("d", Arc::new(Memory::new(1 << 20))) }
+        let memory = Memory::with_page_size(1 << 20, 64 * 1024).unwrap();
+        NbdExport { read_only, ..NbdExport::new("d", Arc::new(memory)) }
+    }
+
+    fn conn(read_only: bool, structured: bool, contexts: Vec<Context>) -> Conn {
+        Conn { export: export(read_only), structured, contexts }
     }
 
     fn req(kind: Command, offset: u64, length: u32, flags: u16) -> Request {
@@ -799,9 +1156,9 @@ mod tests {
 
     #[test]
     fn requests_are_checked() {
-        let e = export(false);
-        let size = e.backend.size();
-        let caps = e.backend.capabilities();
+        let e = conn(false, true, vec![]);
+        let size = e.export.backend.size();
+        let caps = e.export.backend.capabilities();
         let err = |r: Request| check(&r, &e, size, caps).err().map(|r| r.error);
         assert_eq!(err(req(Command::Read, 0, 4096, 0)), None);
         assert_eq!(err(req(Command::Read, size, 1, 0)), Some(errno::EINVAL));
@@ -810,7 +1167,20 @@ mod tests {
         assert_eq!(err(req(Command::Read, 0, proto::MAX_REQUEST + 1, 0)), Some(errno::EOVERFLOW));
         assert_eq!(err(req(Command::Read, 0, 1, 1 << 9)), Some(errno::EINVAL));
         assert_eq!(err(Request { kind: 99, ..req(Command::Read, 0, 1, 0) }), Some(errno::EINVAL));
-        let ro = export(true);
+        assert_eq!(err(req(Command::BlockStatus, 0, 4096, 0)), Some(errno::EINVAL));
+        let with_meta = conn(false, true, vec![Context::Allocation]);
+        assert!(
+            check(&req(Command::BlockStatus, 0, 4096, cmd_flags::REQ_ONE), &with_meta, size, caps).is_ok()
+        );
+        assert_eq!(
+            check(&req(Command::BlockStatus, 0, 0, 0), &with_meta, size, caps).err().map(|r| r.error),
+            Some(errno::EINVAL)
+        );
+        assert_eq!(
+            check(&req(Command::BlockStatus, size, 1, 0), &with_meta, size, caps).err().map(|r| r.error),
+            Some(errno::EINVAL)
+        );
+        let ro = conn(true, false, vec![]);
         assert_eq!(
             check(&req(Command::Write, 0, 1, 0), &ro, size, caps).err().map(|r| r.error),
             Some(errno::EPERM)
@@ -829,13 +1199,85 @@ mod tests {
 
     #[test]
     fn structured_read_errors_are_chunks() {
-        let e = export(false);
+        let e = conn(false, true, vec![]);
         let r = Request { offset: 2 << 20, ..req(Command::Read, 0, 16, 0) };
-        let reply = read_reply(&e, &r, true);
+        let (reply, ok) = read_reply(&e, &r);
+        assert!(!ok);
         let h = ChunkHeader::decode(&reply[..proto::CHUNK_HEADER_LEN]).unwrap();
         assert_eq!(h.kind, reply_type::ERROR);
         assert_eq!(h.flags, reply_flags::DONE);
-        let reply = read_reply(&e, &req(Command::Read, 0, 0, 0), true);
+        let (reply, _) = read_reply(&e, &req(Command::Read, 0, 0, 0));
         assert_eq!(ChunkHeader::decode(&reply).unwrap().kind, reply_type::NONE);
+    }
+
+    /// Splits a structured reply into its chunks' headers and payloads.
+    fn chunks(mut reply: &[u8]) -> Vec<(ChunkHeader, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !reply.is_empty() {
+            let h = ChunkHeader::decode(&reply[..proto::CHUNK_HEADER_LEN]).unwrap();
+            let end = proto::CHUNK_HEADER_LEN + h.len as usize;
+            out.push((h, reply[proto::CHUNK_HEADER_LEN..end].to_vec()));
+            reply = &reply[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn structured_reads_send_holes() {
+        let e = conn(false, true, vec![]);
+        e.export.backend.write_at(&[7; 10], 70_000).unwrap();
+        let (reply, ok) = read_reply(&e, &req(Command::Read, 0, 256 * 1024, 0));
+        assert!(ok);
+        let kinds: Vec<_> = chunks(&reply).iter().map(|(h, _)| (h.kind, h.flags)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (reply_type::OFFSET_HOLE, 0),
+                (reply_type::OFFSET_DATA, 0),
+                (reply_type::OFFSET_HOLE, reply_flags::DONE)
+            ]
+        );
+        let data = &chunks(&reply)[1].1;
+        assert_eq!(u64::from_be_bytes(data[..8].try_into().unwrap()), 65_536);
+        assert_eq!(&data[8 + 70_000 - 65_536..][..10], &[7; 10]);
+        // With DF, one data chunk carries the zeroes.
+        let (reply, _) = read_reply(&e, &req(Command::Read, 0, 256 * 1024, cmd_flags::DF));
+        assert_eq!(chunks(&reply).len(), 1);
+        // Simple replies carry data as before.
+        let plain = conn(false, false, vec![]);
+        let (reply, _) = read_reply(&plain, &req(Command::Read, 0, 4096, 0));
+        assert_eq!(reply.len(), proto::SIMPLE_REPLY_LEN + 4096);
+    }
+
+    #[test]
+    fn block_status_answers_every_context() {
+        use crate::proto::decode_block_status;
+        let states: Arc<dyn ChunkStates> = Arc::new(AllRemote);
+        let mut e = conn(false, true, vec![Context::Allocation, Context::Chunks]);
+        e.export.chunk_states = Some(states);
+        let reply = block_status_reply(&e, &req(Command::BlockStatus, 0, 1 << 20, 0));
+        let c = chunks(&reply);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].0.flags, 0);
+        assert_eq!(c[1].0.flags, reply_flags::DONE);
+        let (id, d) = decode_block_status(&c[0].1).unwrap();
+        assert_eq!((id, d.len()), (1, 1));
+        assert_eq!(d[0].flags, proto::meta::STATE_HOLE | proto::meta::STATE_ZERO);
+        let (id, d) = decode_block_status(&c[1].1).unwrap();
+        assert_eq!((id, d[0].len, d[0].flags), (2, 1 << 20, status::CHUNK_REMOTE));
+    }
+
+    struct AllRemote;
+
+    impl ChunkStates for AllRemote {
+        fn chunk_size(&self) -> u64 {
+            4096
+        }
+        fn chunk_flags(&self, _: u64) -> u32 {
+            status::CHUNK_REMOTE
+        }
+        fn prefetch(&self, _: u64, _: u64) -> io::Result<()> {
+            Ok(())
+        }
     }
 }

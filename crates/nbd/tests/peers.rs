@@ -171,3 +171,193 @@ fn nbdcopy_copies_a_file_in_and_out_of_a_file_backend() {
     assert!(ok, "{out}");
     server.stop().expect("final flush");
 }
+
+/// `nbdinfo --map` output as (offset, length, flags) rows.
+fn map_rows(out: &str) -> Vec<(u64, u64, u32)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A `Synced` export over a memory remote with 1 MiB chunks: chunk 0 pulled, chunk 2 written
+/// locally (dirty), the rest still remote.
+fn synced_export(name: &str) -> (NbdExport, Arc<r3map_core::Synced>) {
+    use r3map_core::Synced;
+    use r3map_core::pipeline::synced::SyncedOptions;
+    let remote = memory(4 * MIB);
+    remote.write_at(&[1u8; 4096], 0).unwrap();
+    let options = SyncedOptions { chunk_size: MIB, ..SyncedOptions::default() };
+    let synced = Arc::new(Synced::new(remote, memory(4 * MIB), options).expect("synced"));
+    synced.fetch(0..1).expect("pull chunk 0");
+    synced.write_at(&vec![2u8; usize::try_from(MIB).unwrap()], 2 * MIB).expect("write chunk 2");
+    let export = export(name, synced.clone()).with_chunk_states(synced.clone());
+    (export, synced)
+}
+
+#[test]
+fn nbdinfo_maps_allocation_and_chunk_states() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let backend = memory(4 * MIB);
+    backend.write_at(&[9u8; 100], MIB).unwrap();
+    let (lazy, synced) = synced_export("lazy");
+    let server = Running::unix(vec![export("plain", backend), lazy]);
+
+    let (ok, out) = run("nbdinfo", &["--map", &server.uri("plain")]);
+    assert!(ok, "{out}");
+    // 64 KiB pages: a hole, the written page, a hole.
+    assert_eq!(map_rows(&out), [(0, MIB, 3), (MIB, 65536, 0), (MIB + 65536, 3 * MIB - 65536, 3)], "{out}");
+
+    let (ok, out) = run("nbdinfo", &["--map=r3map:chunks", &server.uri("lazy")]);
+    assert!(ok, "{out}");
+    assert_eq!(map_rows(&out), [(0, MIB, 0), (MIB, MIB, 1), (2 * MIB, MIB, 2), (3 * MIB, MIB, 1)], "{out}");
+
+    // Both contexts are listed for the lazy export, only the spec's for the plain one.
+    let (ok, out) = run("nbdinfo", &["--list", "--json", &server.uri("")]);
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("\"base:allocation\"").count(), 2, "{out}");
+    assert_eq!(out.matches("\"r3map:chunks\"").count(), 1, "{out}");
+    drop(server);
+    assert!(synced.is_dirty(r3map_core::Chunk(2)));
+}
+
+#[test]
+fn qemu_img_converts_images_in_and_out_and_compares() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let mut data = vec![0u8; usize::try_from(size).unwrap()];
+    fastrand::Rng::with_seed(11).fill(&mut data[..3 << 20]);
+    fastrand::Rng::with_seed(12).fill(&mut data[6 << 20..]);
+    let raw = dir.path().join("in.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let qcow = dir.path().join("in.qcow2");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ok, out) = run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", &path(&raw), &path(&qcow)]);
+    assert!(ok, "{out}");
+    let backend = memory(size);
+    let server = Running::tcp(vec![export("disk", backend.clone())]);
+    let uri = server.uri("disk");
+    // A qcow2 image into the export (`-n`: the target exists), compared against the raw one.
+    let (ok, out) = run("qemu-img", &["convert", "-n", "-f", "qcow2", "-O", "raw", &path(&qcow), &uri]);
+    assert!(ok, "{out}");
+    assert!(contents(&*backend) == data, "the export differs from the image");
+    let (ok, out) = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &path(&raw), &uri]);
+    assert!(ok && out.contains("Images are identical"), "{out}");
+    // And out again, to qcow2, compared by qemu-img across formats.
+    let back = dir.path().join("out.qcow2");
+    let (ok, out) = run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", &uri, &path(&back)]);
+    assert!(ok, "{out}");
+    let (ok, out) = run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", &path(&back), &uri]);
+    assert!(ok && out.contains("Images are identical"), "{out}");
+    // A change on the export is seen by compare.
+    backend.write_at(&[0xee], 5 * MIB).unwrap();
+    let (ok, out) = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &path(&raw), &uri]);
+    assert!(!ok && out.contains("mismatch at offset 5242880"), "{out}");
+    server.stop().expect("final flush");
+}
+
+#[test]
+fn fio_random_writes_verify_over_tcp_and_unix() {
+    if !have("fio") {
+        return;
+    }
+    for unix in [false, true] {
+        let exports = vec![export("disk", memory(32 * MIB))];
+        let server = if unix { Running::unix(exports) } else { Running::tcp(exports) };
+        let uri = format!("--uri={}", server.uri("disk"));
+        let (ok, out) = run(
+            "fio",
+            &[
+                "--name=verify",
+                "--ioengine=nbd",
+                &uri,
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                "--size=32M",
+                "--verify=crc32c",
+                "--verify_fatal=1",
+                "--do_verify=1",
+                "--verify_state_save=0",
+            ],
+        );
+        assert!(ok && !out.contains("verify: bad"), "unix={unix}: {out}");
+        assert!(out.contains("err= 0"), "unix={unix}: {out}");
+        server.stop().expect("final flush");
+    }
+}
+
+/// A TLS server requiring client certificates, and a libnbd certificate directory holding the
+/// CA and (when `with_client_cert`) a client certificate.
+fn tls_server(dir: &std::path::Path, with_client_cert: bool, backend: Arc<r3map_core::Memory>) -> Running {
+    use r3map_nbd::{NbdServer, NbdTls, TlsMode};
+    use r3map_net::certs::Authority;
+    let ca = Authority::new("r3map test CA").unwrap();
+    let server_pem = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), &ca.pem().cert).unwrap();
+    if with_client_cert {
+        let client = ca.client("tester").unwrap();
+        std::fs::write(dir.join("client-cert.pem"), &client.cert).unwrap();
+        std::fs::write(dir.join("client-key.pem"), &client.key).unwrap();
+    }
+    let config = r3map_net::server_tls(
+        server_pem.cert.as_bytes(),
+        server_pem.key.as_bytes(),
+        Some(ca.pem().cert.as_bytes()),
+    )
+    .unwrap();
+    let server = NbdServer::new(vec![export("disk", backend)])
+        .unwrap()
+        .with_tls(NbdTls { config, mode: TlsMode::Require });
+    Running::tcp_server(server)
+}
+
+#[test]
+fn libnbd_clients_speak_tls_with_client_certificates() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backend = memory(4 * MIB);
+    let server = tls_server(dir.path(), true, backend.clone());
+    let tls_uri = format!("nbds://localhost:{}/disk?tls-certificates={}", server.port, dir.path().display());
+    let (ok, out) = run("nbdinfo", &[&tls_uri]);
+    assert!(ok, "{out}");
+    assert!(out.contains("with TLS"), "{out}");
+    // Data through TLS, in and out.
+    let mut data = vec![0u8; usize::try_from(4 * MIB).unwrap()];
+    fastrand::Rng::with_seed(5).fill(&mut data);
+    let src = dir.path().join("in.bin");
+    let dst = dir.path().join("out.bin");
+    std::fs::write(&src, &data).unwrap();
+    let (ok, out) = run("nbdcopy", &[src.to_str().unwrap(), &tls_uri]);
+    assert!(ok, "{out}");
+    assert!(contents(&*backend) == data);
+    let (ok, out) = run("nbdcopy", &[&tls_uri, dst.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(std::fs::read(&dst).unwrap() == data);
+    // Plaintext is refused by a server that requires TLS.
+    let (ok, out) = run("nbdinfo", &[&server.uri("disk")]);
+    assert!(!ok, "{out}");
+    assert!(out.to_lowercase().contains("tls"), "{out}");
+    server.stop().expect("final flush");
+}
+
+#[test]
+fn tls_clients_without_a_certificate_are_refused() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), false, memory(MIB));
+    let tls_uri = format!("nbds://localhost:{}/disk?tls-certificates={}", server.port, dir.path().display());
+    let (ok, out) = run("nbdinfo", &[&tls_uri]);
+    assert!(!ok, "{out}");
+}

@@ -410,3 +410,134 @@ fn read_exact(s: &mut std::os::unix::net::UnixStream, n: usize) -> Vec<u8> {
     s.read_exact(&mut buf).unwrap();
     buf
 }
+
+fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    proto::MetaContextRequest { export: export.into(), queries: queries.iter().map(|&q| q.into()).collect() }
+        .encode()
+}
+
+/// Replies to one meta context option: the (id, name) pairs, then the final reply type.
+fn meta_replies(s: &mut TcpStream) -> (Vec<(u32, String)>, u32) {
+    let mut contexts = Vec::new();
+    loop {
+        let (h, data) = option_reply(s);
+        if h.reply != rep::META_CONTEXT {
+            return (contexts, h.reply);
+        }
+        contexts.push(proto::decode_rep_meta_context(&data).expect("meta context reply"));
+    }
+}
+
+#[test]
+fn meta_contexts_are_negotiated_per_spec() {
+    let (server, _backend) = server();
+    let mut s = connect(server.port);
+    greet(&mut s, client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES);
+    // Before structured replies: refused.
+    send_option(&mut s, opt::SET_META_CONTEXT, &meta_request("disk", &["base:allocation"]));
+    assert_eq!(meta_replies(&mut s), (vec![], rep::ERR_INVALID));
+    send_option(&mut s, opt::STRUCTURED_REPLY, &[]);
+    assert_eq!(option_reply(&mut s).0.reply, rep::ACK);
+    // Listing: everything (no query), a namespace, an unknown name; the plain export has no
+    // chunk states, so only the spec's context.
+    send_option(&mut s, opt::LIST_META_CONTEXT, &meta_request("disk", &[]));
+    assert_eq!(meta_replies(&mut s), (vec![(0, "base:allocation".into())], rep::ACK));
+    send_option(&mut s, opt::LIST_META_CONTEXT, &meta_request("disk", &["base:"]));
+    assert_eq!(meta_replies(&mut s), (vec![(0, "base:allocation".into())], rep::ACK));
+    send_option(&mut s, opt::LIST_META_CONTEXT, &meta_request("disk", &["r3map:chunks", "x-y:z"]));
+    assert_eq!(meta_replies(&mut s), (vec![], rep::ACK));
+    send_option(&mut s, opt::LIST_META_CONTEXT, &meta_request("nope", &[]));
+    assert_eq!(meta_replies(&mut s).1, rep::ERR_UNKNOWN);
+    send_option(&mut s, opt::LIST_META_CONTEXT, &[0, 0, 0, 9, b'x']);
+    assert_eq!(meta_replies(&mut s).1, rep::ERR_INVALID);
+    // Setting numbers the selection from 1.
+    send_option(&mut s, opt::SET_META_CONTEXT, &meta_request("disk", &["base:allocation"]));
+    assert_eq!(meta_replies(&mut s), (vec![(1, "base:allocation".into())], rep::ACK));
+    send_option(&mut s, opt::GO, &InfoRequest { name: "disk".into(), infos: vec![] }.encode());
+    while option_reply(&mut s).0.reply != rep::ACK {}
+    // A status query of the whole (empty) export: one hole descriptor, done.
+    request(&mut s, Command::BlockStatus, 5, 0, u32::try_from(SIZE).unwrap(), 0);
+    let (h, payload) = chunk(&mut s);
+    assert_eq!((h.kind, h.flags, h.cookie), (reply_type::BLOCK_STATUS, reply_flags::DONE, 5));
+    let (id, d) = proto::decode_block_status(&payload).unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(d, [proto::BlockDescriptor { len: 1 << 20, flags: 3 }]);
+    // Past the end: EINVAL.
+    request(&mut s, Command::BlockStatus, 6, SIZE - 512, 1024, 0);
+    let (h, payload) = chunk(&mut s);
+    assert_eq!(h.kind, reply_type::ERROR);
+    assert_eq!(proto::decode_error_payload(&payload).unwrap().0, errno::EINVAL);
+}
+
+#[test]
+fn block_status_without_contexts_is_invalid() {
+    let (server, _backend) = server();
+    let mut s = connect(server.port);
+    go(&mut s, "disk", true);
+    request(&mut s, Command::BlockStatus, 1, 0, 4096, 0);
+    let (h, payload) = chunk(&mut s);
+    assert_eq!(h.kind, reply_type::ERROR);
+    assert_eq!(proto::decode_error_payload(&payload).unwrap().0, errno::EINVAL);
+}
+
+#[test]
+fn cache_pulls_chunks_of_a_lazy_export() {
+    use r3map_core::pipeline::synced::SyncedOptions;
+    use r3map_core::{Chunk, Synced};
+    let remote = memory(SIZE);
+    remote.write_at(&[4u8; 100], 300_000).unwrap();
+    let options = SyncedOptions { chunk_size: 64 * 1024, ..SyncedOptions::default() };
+    let synced = std::sync::Arc::new(Synced::new(remote, memory(SIZE), options).unwrap());
+    let server = Running::tcp(vec![export("disk", synced.clone()).with_chunk_states(synced.clone())]);
+    let mut s = connect(server.port);
+    let flags = go(&mut s, "disk", false);
+    assert_ne!(flags & transmission_flags::SEND_CACHE, 0);
+    assert!(!synced.is_local(Chunk(4)));
+    request(&mut s, Command::Cache, 1, 256 * 1024, 128 * 1024, 0);
+    assert_eq!(simple(&mut s), SimpleReply { error: 0, cookie: 1 });
+    // Chunks 4 and 5 were pulled before the reply; their neighbours were not.
+    assert!(synced.is_local(Chunk(4)) && synced.is_local(Chunk(5)));
+    assert!(!synced.is_local(Chunk(3)) && !synced.is_local(Chunk(6)));
+    let mut local = [0u8; 100];
+    synced.local().read_at(&mut local, 300_000).unwrap();
+    assert_eq!(local, [4u8; 100]);
+}
+
+#[test]
+fn a_server_that_requires_tls_refuses_plaintext_options() {
+    use r3map_nbd::{NbdTls, TlsMode};
+    use r3map_net::certs::Authority;
+    let ca = Authority::new("ca").unwrap();
+    let pem = ca.server(&["localhost"]).unwrap();
+    let config = r3map_net::server_tls(pem.cert.as_bytes(), pem.key.as_bytes(), None).unwrap();
+    let tls = |mode| {
+        NbdServer::new(vec![export("disk", memory(SIZE))])
+            .unwrap()
+            .with_tls(NbdTls { config: config.clone(), mode })
+    };
+    let server = Running::tcp_server(tls(TlsMode::Require));
+    let mut s = connect(server.port);
+    greet(&mut s, client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES);
+    for o in [opt::LIST, opt::STRUCTURED_REPLY, opt::GO] {
+        send_option(&mut s, o, &[]);
+        assert_eq!(option_reply(&mut s).0.reply, rep::ERR_TLS_REQD, "option {o}");
+    }
+    // STARTTLS with data is invalid; EXPORT_NAME without TLS ends the connection.
+    send_option(&mut s, opt::STARTTLS, b"x");
+    assert_eq!(option_reply(&mut s).0.reply, rep::ERR_INVALID);
+    send_option(&mut s, opt::EXPORT_NAME, b"disk");
+    assert!(closed(&mut s));
+    drop(server);
+    // Allowed mode: plaintext clients are served.
+    let server = Running::tcp_server(tls(TlsMode::Allow));
+    let mut s = connect(server.port);
+    go(&mut s, "disk", false);
+    request(&mut s, Command::Read, 1, 0, 512, 0);
+    assert_eq!(simple(&mut s), SimpleReply { error: 0, cookie: 1 });
+    // Without TLS configured, STARTTLS is refused by policy.
+    let (plain, _) = self::server();
+    let mut s = connect(plain.port);
+    greet(&mut s, client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES);
+    send_option(&mut s, opt::STARTTLS, &[]);
+    assert_eq!(option_reply(&mut s).0.reply, rep::ERR_POLICY);
+}

@@ -31,8 +31,16 @@ impl Running {
         Self::start(exports, true)
     }
 
+    /// Serves a configured server on 127.0.0.1 at a free port.
+    pub fn tcp_server(server: NbdServer) -> Self {
+        Self::serve(server, false)
+    }
+
     fn start(exports: Vec<NbdExport>, unix: bool) -> Self {
-        let server = NbdServer::new(exports).expect("valid exports");
+        Self::serve(NbdServer::new(exports).expect("valid exports"), unix)
+    }
+
+    fn serve(server: NbdServer, unix: bool) -> Self {
         let dir = unix.then(|| tempfile::tempdir().expect("tempdir"));
         let socket = dir.as_ref().map(|d| d.path().join("nbd.sock"));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
