@@ -35,6 +35,11 @@
 //! | `r3map+plain://HOST[:PORT]/EXPORT` | an r3map server over plaintext TCP |
 //! | `r3map+unix:///EXPORT?socket=PATH` | an r3map server on a Unix socket |
 //! | `grpc://HOST:PORT?size=SIZE` | a Go r3map (or our) gRPC `Backend` service, plaintext; the size is given since the service has no size call |
+//! | `nbd://HOST[:PORT]/[EXPORT]` | an export of any NBD server (`nbdkit`, `qemu-nbd`, `r3map serve --nbd`); port 10809 by default, the empty export is the default one ([`r3map_nbd::NbdClientOptions::from_url`]) |
+//! | `nbd+unix:///[EXPORT]?socket=PATH` | an export of an NBD server on a Unix socket |
+//!
+//! NBD URIs take `connections=N` (used when the server allows several) and `timeout=SECONDS`.
+//! TLS (`nbds://`, `nbds+unix://`) is not supported yet.
 //!
 //! Redis and S3 backends are not supported yet; their URLs get an error that says so.
 
@@ -91,7 +96,8 @@ impl std::fmt::Debug for Opened {
 
 const FORMS: &str = "use memory:SIZE, file:///PATH[?size=SIZE[&truncate=true]], \
                      dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N], an r3map server \
-                     (r3map://, r3map+plain://, r3map+unix://) or grpc://HOST:PORT?size=SIZE";
+                     (r3map://, r3map+plain://, r3map+unix://), grpc://HOST:PORT?size=SIZE or an NBD \
+                     server (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)";
 
 /// A URL without its query (which may hold a token).
 fn remote_name(url: &str) -> &str {
@@ -165,9 +171,24 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
                 r3map_grpc::GrpcBackend::connect(&endpoint, size, r3map_grpc::GrpcClientOptions::default())?;
             Ok(Opened { backend: Arc::new(remote), description: format!("gRPC server {endpoint}") })
         }
+        "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => {
+            let remote = r3map_nbd::NbdBackend::open(url)?;
+            let description = nbd_description(&remote);
+            Ok(Opened { backend: Arc::new(remote), description })
+        }
         "redis" | "rediss" => bail!("Redis backends are not supported yet"),
         "s3" | "http" | "https" => bail!("S3 backends are not supported yet"),
         other => bail!("unknown backend type '{other}'; {FORMS}"),
+    }
+}
+
+/// `NBD server 127.0.0.1:10809 export 'disk'`, or `... default export`.
+fn nbd_description(remote: &r3map_nbd::NbdBackend) -> String {
+    let (address, export) = (remote.address(), remote.export());
+    if export.is_empty() {
+        format!("NBD server {address} default export")
+    } else {
+        format!("NBD server {address} export '{export}'")
     }
 }
 
@@ -506,5 +527,44 @@ mod tests {
         assert!(err.contains("127.0.0.1:1"), "{err}");
         let err = format!("{:#}", open("r3map://127.0.0.1:1/default", &opts).err().unwrap());
         assert!(err.contains("?ca=PATH"), "{err}");
+    }
+
+    #[test]
+    fn nbd_urls_say_what_is_wrong() {
+        let e = err("nbd://127.0.0.1:1/disk?colour=blue");
+        assert!(e.contains("cannot open the backend") && e.contains("unknown parameter 'colour'"), "{e}");
+        let e = err("nbd+unix:///disk");
+        assert!(e.contains("?socket=PATH"), "{e}");
+        let e = err("nbds://example.com/disk");
+        assert!(e.contains("does not support TLS yet"), "{e}");
+        let e = err("nbd://127.0.0.1:1/disk");
+        assert!(e.contains("NBD server at 127.0.0.1:1"), "{e}");
+        assert!(FORMS.contains("nbd://"));
+    }
+
+    #[test]
+    fn nbd_urls_open_an_nbd_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let backend: r3map_core::SharedBackend = Arc::new(Memory::new(65536));
+        let server = r3map_nbd::NbdServer::new(vec![r3map_nbd::NbdExport::new("disk", backend)]).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                server.serve_unix(listener, async { drop(stopped.await) }).await
+            })
+        });
+        let opened = ok(&format!("nbd+unix:///disk?socket={}", socket.display()));
+        assert_eq!(opened.backend.size(), 65536);
+        assert_eq!(opened.description, format!("NBD server unix:{} export 'disk'", socket.display()));
+        let default = ok(&format!("nbd+unix:///?socket={}", socket.display()));
+        assert!(default.description.ends_with("default export"), "{}", default.description);
+        drop((opened, default));
+        stop.send(()).unwrap();
+        thread.join().unwrap().unwrap();
     }
 }

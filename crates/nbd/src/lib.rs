@@ -46,9 +46,11 @@
 //!   `io::Error`s, which become NBD error values ([`server::errno_of`]).
 //! - [`status`]: metadata contexts (`base:allocation`, `r3map:chunks`) and [`ChunkStates`].
 
+pub mod client;
 pub mod proto;
 pub mod server;
 pub mod status;
 
+pub use client::{NbdAddress, NbdBackend, NbdClientOptions, NbdExportInfo};
 pub use server::{BlockSizes, ConfigError, ConnectionError, NbdExport, NbdServer, NbdTls, TlsMode};
 pub use status::ChunkStates;

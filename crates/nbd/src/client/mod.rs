@@ -1,0 +1,223 @@
+//! [`NbdBackend`]: a [`Backend`] on an export of any NBD server (`nbdkit`, `qemu-nbd`,
+//! `nbd-server`, or this crate's [`NbdServer`](crate::NbdServer)).
+//!
+//! # Design
+//! The API is blocking, like every `Backend`. Inside, each connection is a task on the client's
+//! own tokio runtime: a writer sends requests as they come (many in flight per connection) and a
+//! reader matches replies to them by cookie, in whatever order the server answers, and wakes the
+//! caller waiting on a channel. Large requests are cut at the server's maximum size and their
+//! pieces are in flight together. Callers may be threads of another tokio runtime (they only block
+//! on channels), but should not be its async tasks.
+//!
+//! When the server's minimum block size is above 1, the export is reached through an
+//! [`Aligned`] layer, so that any offset and length still work (partial blocks by
+//! read-modify-write); requests on the wire always respect the server's block sizes.
+//!
+//! A broken connection is reopened with exponential backoff, and requests that had no answer are
+//! sent again (every command this client sends is safe to repeat), as long as their deadline
+//! ([`NbdClientOptions::timeout`]) allows; after it they fail with `TimedOut`, never with made-up
+//! data. A server that breaks the protocol (bad magic, unknown cookie, a chunk outside its
+//! request, oversized lengths, missing data) fails the connection and every request pending on it
+//! with `InvalidData`; nothing it sends makes the client panic or wait forever.
+//!
+//! # What it does
+//! - URIs `nbd://HOST[:PORT]/[EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`
+//!   ([`NbdClientOptions::from_url`]), with `connections=N` and `timeout=SECONDS`.
+//! - Fixed newstyle negotiation (and plain newstyle servers), `NO_ZEROES` when offered,
+//!   structured replies, the `base:allocation` metadata context, `NBD_OPT_GO` with
+//!   `NBD_INFO_BLOCK_SIZE`, and `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`.
+//! - Simple and structured replies: `OFFSET_DATA` and `OFFSET_HOLE` chunks in any order, `NONE`,
+//!   `ERROR`, `ERROR_OFFSET` (the server's message is kept in the error) and `BLOCK_STATUS`.
+//! - Several connections when the server announces `CAN_MULTI_CONN`.
+//! - Capabilities from the transmission flags: `READ_ONLY` (writes fail with `PermissionDenied`
+//!   without a round trip), `SEND_WRITE_ZEROES` (both [`Backend::write_zeroes`] and
+//!   [`Backend::trim`]), `base:allocation` ([`Backend::extents`], through
+//!   `NBD_CMD_BLOCK_STATUS`), `SEND_FLUSH` (otherwise [`Backend::flush`] does nothing), plus
+//!   [`NbdBackend::cache`] (`NBD_CMD_CACHE`) and [`NbdBackend::discard`] (`NBD_CMD_TRIM`).
+//! - `NBD_CMD_DISC` when the client is dropped.
+//!
+//! [`Backend::trim`] promises that the range reads as zeroes afterwards, which `NBD_CMD_TRIM` does
+//! not (`qemu-nbd` ignores it unless told otherwise), so it is sent as `NBD_CMD_WRITE_ZEROES`
+//! without `NBD_CMD_FLAG_NO_HOLE`, which lets the server deallocate. An extent is a hole only when
+//! the server reports it both unallocated and reading as zeroes (`NBD_STATE_HOLE` and
+//! `NBD_STATE_ZERO`).
+//!
+//! # What it does not do yet
+//! - TLS (`nbds://`, `nbds+unix://`, `NBD_OPT_STARTTLS`): such URIs and servers that require TLS
+//!   get an error saying so. The handshake marks where `NBD_OPT_STARTTLS` goes.
+//! - Extended headers (64-bit lengths), `NBD_CMD_FLAG_FUA`, `NBD_CMD_FLAG_DF`, fast zeroes,
+//!   `NBD_CMD_RESIZE`, other metadata contexts, the old-style handshake, vsock.
+
+mod connection;
+mod handshake;
+mod options;
+mod reply;
+mod transport;
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use r3map_core::{Aligned, Backend, Capabilities, Extent, check_range};
+
+pub use connection::fuzz_session;
+pub use handshake::{MAX_PAYLOAD, NbdExportInfo};
+pub use options::{DEFAULT_PORT, NbdAddress, NbdClientOptions};
+
+use transport::Transport;
+
+/// A [`Backend`] on an export of an NBD server. See the [module documentation](self).
+pub struct NbdBackend {
+    transport: Arc<Transport>,
+    /// Byte-granular access when the server's minimum block size is above 1.
+    aligned: Option<Aligned<Arc<Transport>>>,
+}
+
+impl fmt::Debug for NbdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NbdBackend")
+            .field("address", self.transport.address())
+            .field("info", &self.transport.info())
+            .field("connections", &self.transport.connections())
+            .field("aligned", &self.aligned.is_some())
+            .finish()
+    }
+}
+
+impl NbdBackend {
+    /// Connects to the export an NBD URI names (see [`NbdClientOptions::from_url`]).
+    ///
+    /// # Errors
+    /// A bad URI (`InvalidInput`), a TLS URI (`Unsupported`), or as [`NbdBackend::connect`].
+    pub fn open(url: &str) -> io::Result<Self> {
+        let (address, options) = NbdClientOptions::from_url(url)?;
+        Self::connect(address, options)
+    }
+
+    /// Connects to `address` and negotiates the export; every connection is opened now, so that
+    /// errors show here.
+    ///
+    /// # Errors
+    /// An unreachable server; one that is not an NBD server or breaks the protocol
+    /// (`InvalidData`); an unknown export (`NotFound`); a server that needs TLS or speaks the
+    /// old-style handshake (`Unsupported`); a handshake slower than
+    /// [`NbdClientOptions::connect_timeout`] (`TimedOut`).
+    pub fn connect(address: NbdAddress, options: NbdClientOptions) -> io::Result<Self> {
+        let transport = Arc::new(Transport::connect(address, options)?);
+        let min_block = transport.info().min_block;
+        let aligned = if min_block > 1 {
+            Some(Aligned::new(Arc::clone(&transport), u64::from(min_block))?)
+        } else {
+            None
+        };
+        Ok(Self { transport, aligned })
+    }
+
+    /// What the server said about the export.
+    #[must_use]
+    pub fn info(&self) -> NbdExportInfo {
+        self.transport.info()
+    }
+
+    /// Where the server is.
+    #[must_use]
+    pub fn address(&self) -> &NbdAddress {
+        self.transport.address()
+    }
+
+    /// The export's name (empty for the server's default export).
+    #[must_use]
+    pub fn export(&self) -> &str {
+        self.transport.export()
+    }
+
+    /// The connections in use (fewer than asked for when the server does not allow several).
+    #[must_use]
+    pub fn connections(&self) -> usize {
+        self.transport.connections()
+    }
+
+    /// Tells the server that `off..off + len` will be read soon (`NBD_CMD_CACHE`, over the range
+    /// widened to whole blocks). Does nothing when the server does not announce the command.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a range past the end; the server's error.
+    pub fn cache(&self, off: u64, len: u64) -> io::Result<()> {
+        self.transport.cache(off, len)
+    }
+
+    /// Tells the server that `off..off + len` is no longer needed (`NBD_CMD_TRIM`, over the whole
+    /// blocks inside the range). Unlike [`Backend::trim`], the range's contents are undefined
+    /// afterwards. Does nothing when the server does not announce the command.
+    ///
+    /// # Errors
+    /// `InvalidInput` for a range past the end, `PermissionDenied` on a read-only export; the
+    /// server's error.
+    pub fn discard(&self, off: u64, len: u64) -> io::Result<()> {
+        self.transport.discard(off, len)
+    }
+
+    /// The layer requests go through.
+    fn stack(&self) -> &dyn Backend {
+        match &self.aligned {
+            Some(aligned) => aligned,
+            None => self.transport.as_ref(),
+        }
+    }
+
+    /// Checks a range and answers an empty one locally.
+    fn empty(&self, off: u64, len: u64) -> io::Result<bool> {
+        check_range(off, len, self.size())?;
+        Ok(len == 0)
+    }
+}
+
+impl Backend for NbdBackend {
+    fn size(&self) -> u64 {
+        self.transport.info().size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        if self.empty(off, r3map_core::backend::len64(buf))? {
+            return Ok(());
+        }
+        self.stack().read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        if self.empty(off, r3map_core::backend::len64(buf))? {
+            return Ok(());
+        }
+        self.transport.writable()?;
+        self.stack().write_at(buf, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.transport.flush()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.transport.capabilities()
+    }
+
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.capabilities().trim && self.empty(off, len)? {
+            return Ok(());
+        }
+        self.stack().trim(off, len)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        if self.capabilities().write_zeroes && self.empty(off, len)? {
+            return Ok(());
+        }
+        self.stack().write_zeroes(off, len)
+    }
+
+    fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
+        if self.capabilities().extents && self.empty(off, len)? {
+            return Ok(Vec::new());
+        }
+        self.stack().extents(off, len)
+    }
+}

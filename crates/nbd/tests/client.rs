@@ -1,0 +1,700 @@
+//! The NBD client against real servers: this crate's server (in process), `nbdkit` and `qemu-nbd`.
+//! A test whose server program is missing prints `skipped: <tool> not installed` and passes.
+
+use std::io::{self, Read as _, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use r3map_core::{Backend, Extent, Memory, SharedBackend, conformance};
+use r3map_nbd::server::BlockSizes;
+use r3map_nbd::{NbdAddress, NbdBackend, NbdClientOptions, NbdExport, NbdServer, NbdTls, TlsMode};
+use tokio::sync::oneshot;
+
+const MIB: u64 = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+/// This crate's server on its own runtime in a background thread, on a Unix socket or TCP.
+struct Served {
+    uri_base: String,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+enum Listen {
+    Unix(PathBuf),
+    Tcp,
+}
+
+impl Served {
+    fn start(server: NbdServer, listen: Listen) -> Self {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(async move {
+                let shutdown = async {
+                    let _ = stop_rx.await;
+                };
+                match listen {
+                    Listen::Unix(path) => {
+                        let _ = std::fs::remove_file(&path);
+                        let listener = tokio::net::UnixListener::bind(&path)?;
+                        ready_tx.send(format!("nbd+unix://?socket={}", path.display())).expect("test alive");
+                        server.serve_unix(listener, shutdown).await
+                    }
+                    Listen::Tcp => {
+                        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                        ready_tx.send(format!("nbd://{}", listener.local_addr()?)).expect("test alive");
+                        server.serve_tcp(listener, shutdown).await
+                    }
+                }
+            })
+        });
+        let uri_base = ready_rx.recv().expect("the server started");
+        Self { uri_base, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    fn unix(exports: Vec<NbdExport>, socket: &Path) -> Self {
+        Self::start(NbdServer::new(exports).expect("valid exports"), Listen::Unix(socket.to_owned()))
+    }
+
+    fn tcp(exports: Vec<NbdExport>) -> Self {
+        Self::start(NbdServer::new(exports).expect("valid exports"), Listen::Tcp)
+    }
+
+    /// The URI of `export`, with `query` (`key=value&...`) added.
+    fn uri(&self, export: &str, query: &str) -> String {
+        uri_of(&self.uri_base, export, query)
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A server program, killed when dropped (also when the test fails).
+struct Peer {
+    child: Child,
+    uri_base: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Peer {
+    /// Starts `program args` and waits until `ready` connects.
+    fn spawn(
+        program: &str,
+        args: &[&str],
+        ready: &NbdAddress,
+        uri_base: String,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        let mut peer = Self { child, uri_base, _dir: dir };
+        peer.wait_until_listening(ready, program);
+        peer
+    }
+
+    fn wait_until_listening(&mut self, address: &NbdAddress, program: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let up = match address {
+                NbdAddress::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+                NbdAddress::Tcp { host, port } => {
+                    std::net::TcpStream::connect((host.as_str(), *port)).is_ok()
+                }
+            };
+            if up {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{program} exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "{program} did not start listening on {address}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nbdkit PLUGIN ARGS` on a Unix socket in a fresh directory.
+    fn nbdkit_unix(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbdkit.sock");
+        let socket_arg = socket.display().to_string();
+        let mut all = vec!["-f", "--exit-with-parent", "-U", &socket_arg];
+        all.extend_from_slice(args);
+        let uri_base = format!("nbd+unix://?socket={socket_arg}");
+        Self::spawn("nbdkit", &all, &NbdAddress::Unix(socket.clone()), uri_base, Some(dir))
+    }
+
+    /// `nbdkit PLUGIN ARGS` on 127.0.0.1 at a free port.
+    fn nbdkit_tcp(args: &[&str]) -> Self {
+        let port = free_port().to_string();
+        let mut all = vec!["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port];
+        all.extend_from_slice(args);
+        let address = NbdAddress::Tcp { host: "127.0.0.1".into(), port: port.parse().expect("port") };
+        Self::spawn("nbdkit", &all, &address, format!("nbd://127.0.0.1:{port}"), None)
+    }
+
+    fn uri(&self, export: &str, query: &str) -> String {
+        uri_of(&self.uri_base, export, query)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// Whether `tool` is on the PATH; prints the skip notice when it is not.
+fn have(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()));
+    if !found {
+        println!("skipped: {tool} not installed");
+    }
+    found
+}
+
+fn open(uri: &str) -> NbdBackend {
+    NbdBackend::open(uri).unwrap_or_else(|e| panic!("opening {uri}: {e}"))
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+fn read(b: &dyn Backend, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0xAA; len];
+    b.read_at(&mut buf, off).unwrap_or_else(|e| panic!("read {len} at {off}: {e}"));
+    buf
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn usize_of(n: u64) -> usize {
+    n as usize
+}
+
+/// Random writes and reads of up to `max_len` bytes, checked against a model of the contents.
+fn random_io(b: &dyn Backend, seed: u64, ops: u64, max_len: u64) {
+    let size = b.size();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut model = read(b, 0, usize_of(size));
+    for i in 0..ops {
+        let off = rng.u64(0..size);
+        let len = rng.u64(0..=(size - off).min(max_len));
+        let range = usize_of(off)..usize_of(off + len);
+        if rng.bool() {
+            let data = pattern(seed ^ i, range.len());
+            b.write_at(&data, off).unwrap_or_else(|e| panic!("write {len} at {off}: {e}"));
+            model[range].copy_from_slice(&data);
+        } else {
+            assert!(read(b, off, range.len()) == model[range], "read {len} at {off} (op {i}) differs");
+        }
+    }
+    b.flush().expect("flush");
+    assert!(read(b, 0, usize_of(size)) == model, "the whole export differs from the model");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against this crate's server
+
+fn export(name: &str, backend: SharedBackend) -> NbdExport {
+    NbdExport::new(name, backend)
+}
+
+#[test]
+fn conformance_against_our_server_on_unix_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = Mutex::new(Vec::new());
+    conformance::run(&|size| {
+        let mut servers = servers.lock().unwrap();
+        let socket = dir.path().join(format!("s{}", servers.len()));
+        let server = Served::unix(vec![export("disk", Arc::new(Memory::new(size)))], &socket);
+        let client = open(&server.uri("disk", ""));
+        assert!(client.capabilities().extents, "our server offers base:allocation");
+        servers.push(server);
+        Arc::new(client)
+    });
+}
+
+#[test]
+fn conformance_with_several_connections_over_tcp() {
+    let servers = Mutex::new(Vec::new());
+    conformance::run(&|size| {
+        let server = Served::tcp(vec![export("", Arc::new(Memory::new(size)))]);
+        let client = open(&server.uri("", "connections=3"));
+        assert_eq!(client.connections(), 3);
+        servers.lock().unwrap().push(server);
+        Arc::new(client)
+    });
+}
+
+#[test]
+fn conformance_through_block_size_constraints() {
+    // A minimum block size puts the Aligned layer in front; a small maximum cuts requests.
+    let dir = tempfile::tempdir().unwrap();
+    let servers = Mutex::new(Vec::new());
+    conformance::run(&|size| {
+        let mut servers = servers.lock().unwrap();
+        let socket = dir.path().join(format!("s{}", servers.len()));
+        let mut e = export("disk", Arc::new(Memory::new(size)));
+        e.block_sizes = BlockSizes::new(4096, 4096, 64 * 1024).unwrap();
+        let server = Served::unix(vec![e], &socket);
+        let client = open(&server.uri("disk", ""));
+        let info = client.info();
+        assert_eq!((info.min_block, info.max_block, info.max_payload()), (4096, 65536, 65536));
+        servers.push(server);
+        Arc::new(client)
+    });
+}
+
+#[test]
+fn data_lands_on_the_server() {
+    let memory = Arc::new(Memory::new(8 * MIB));
+    let server = Served::tcp(vec![export("disk", memory.clone())]);
+    let client = open(&server.uri("disk", ""));
+    random_io(&client, 7, 200, 3 * MIB);
+    let data = pattern(1, usize_of(5 * MIB + 3));
+    client.write_at(&data, 12345).unwrap();
+    client.flush().unwrap();
+    assert!(read(memory.as_ref(), 12345, data.len()) == data, "the server's backend holds what was written");
+    // And what the server holds is what the client reads, across the 32 MiB limit.
+    let big = pattern(2, usize_of(8 * MIB));
+    memory.write_at(&big, 0).unwrap();
+    assert!(read(&client, 0, big.len()) == big);
+}
+
+#[test]
+fn trim_write_zeroes_and_extents_against_our_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Arc::new(Memory::with_page_size(4 * MIB, 64 * 1024).unwrap());
+    let server = Served::unix(vec![export("disk", memory)], &dir.path().join("s"));
+    let client = open(&server.uri("disk", ""));
+    let caps = client.capabilities();
+    assert!(caps.trim && caps.write_zeroes && caps.extents && !caps.read_only, "{caps:?}");
+    let holes =
+        |off, len| client.extents(off, len).unwrap().iter().filter(|e| e.hole).map(|e| e.len).sum::<u64>();
+    assert_eq!(holes(0, 4 * MIB), 4 * MIB, "a fresh memory export is all hole");
+    client.write_at(&pattern(3, usize_of(4 * MIB)), 0).unwrap();
+    assert_eq!(holes(0, 4 * MIB), 0);
+    client.trim(MIB, MIB).unwrap();
+    client.write_zeroes(3 * MIB, 1000).unwrap();
+    assert!(read(&client, MIB, usize_of(MIB)).iter().all(|&b| b == 0), "trim zeroes");
+    assert!(read(&client, 3 * MIB, 1000).iter().all(|&b| b == 0), "write_zeroes zeroes");
+    assert_eq!(holes(MIB, MIB), MIB, "the trimmed range is a hole");
+    // NBD_CMD_TRIM reaches the backend's trim too.
+    client.discard(2 * MIB, MIB).unwrap();
+    assert_eq!(holes(2 * MIB, MIB), MIB, "the discarded range is a hole");
+    let extents = client.extents(2 * MIB - 100, MIB + 200).unwrap();
+    assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), MIB + 200, "extents cover the range exactly");
+    // The first 100 bytes were trimmed before; the last 100 hold data.
+    assert_eq!(extents, [Extent { len: MIB + 100, hole: true }, Extent { len: 100, hole: false }]);
+    client.cache(0, 4 * MIB).unwrap();
+    for (off, len) in [(0, 0), (4 * MIB, 0)] {
+        client.trim(off, len).unwrap();
+        assert!(client.extents(off, len).unwrap().is_empty());
+    }
+    assert_eq!(client.trim(4 * MIB, 1).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(client.cache(4 * MIB, 1).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn read_only_export() {
+    let memory = Arc::new(Memory::from_bytes(&pattern(4, 65536)));
+    let ro = NbdExport { read_only: true, ..export("ro", memory) };
+    let server = Served::tcp(vec![ro]);
+    let client = open(&server.uri("ro", ""));
+    let caps = client.capabilities();
+    assert!(caps.read_only && !caps.trim && !caps.write_zeroes, "{caps:?}");
+    assert!(read(&client, 0, 65536) == pattern(4, 65536));
+    let e = client.write_at(b"x", 0).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+    assert!(e.to_string().contains("'ro'") && e.to_string().contains("read-only"), "{e}");
+    assert_eq!(client.discard(0, 4096).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+    assert_eq!(client.trim(0, 1).unwrap_err().kind(), io::ErrorKind::Unsupported);
+    client.write_at(&[], 0).expect("an empty write succeeds locally");
+    client.flush().unwrap();
+}
+
+#[test]
+fn unknown_exports_are_named() {
+    let server = Served::tcp(vec![export("disk", Arc::new(Memory::new(4096)))]);
+    let e = NbdBackend::open(&server.uri("nope", "")).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    assert!(e.to_string().contains("no export named 'nope'"), "{e}");
+    // The empty name is the default export.
+    assert_eq!(open(&server.uri("", "")).size(), 4096);
+}
+
+#[test]
+fn a_server_that_requires_tls_is_explained() {
+    let ca = r3map_net::certs::Authority::new("test CA").unwrap();
+    let pem = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    let config = r3map_net::server_tls(pem.cert.as_bytes(), pem.key.as_bytes(), None).unwrap();
+    let server = NbdServer::new(vec![export("disk", Arc::new(Memory::new(4096)))])
+        .unwrap()
+        .with_tls(NbdTls { config, mode: TlsMode::Require });
+    let served = Served::start(server, Listen::Tcp);
+    let e = NbdBackend::open(&served.uri("disk", "")).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+    assert!(e.to_string().contains("requires TLS"), "{e}");
+}
+
+#[test]
+fn something_that_is_not_an_nbd_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let talker = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+        let mut sink = [0u8; 64];
+        let _ = s.read(&mut sink);
+    });
+    let e = NbdBackend::open(&format!("nbd://127.0.0.1:{port}/")).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    assert!(e.to_string().contains("not an NBD server") && e.to_string().contains("SSH-2.0"), "{e}");
+    talker.join().unwrap();
+
+    // Nothing listening at all.
+    let e = NbdBackend::open(&format!("nbd://127.0.0.1:{}/", free_port())).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+}
+
+#[test]
+fn a_silent_server_times_out_the_handshake() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let options =
+        NbdClientOptions { connect_timeout: Duration::from_millis(300), ..NbdClientOptions::default() };
+    let started = Instant::now();
+    let e = NbdBackend::connect(NbdAddress::Tcp { host: "127.0.0.1".into(), port }, options).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(e.to_string().contains("is it an NBD server?"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(listener);
+}
+
+#[test]
+fn requests_wait_through_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    let memory = Arc::new(Memory::new(MIB));
+    let mut server = Served::unix(vec![export("disk", memory.clone())], &socket);
+    let client = open(&server.uri("disk", "timeout=20"));
+    client.write_at(b"before", 0).unwrap();
+    server.stop();
+    let restarted = std::thread::spawn({
+        let memory = memory.clone();
+        let socket = socket.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Served::unix(vec![export("disk", memory)], &socket)
+        }
+    });
+    // Sent while the server is down: answered once it is back.
+    assert_eq!(read(&client, 0, 6), b"before");
+    client.write_at(b"after", 6).unwrap();
+    let _server = restarted.join().unwrap();
+    assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
+}
+
+#[test]
+fn a_changed_export_is_refused_on_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s");
+    let mut server = Served::unix(vec![export("disk", Arc::new(Memory::new(MIB)))], &socket);
+    let client = open(&server.uri("disk", "timeout=10"));
+    server.stop();
+    let _bigger = Served::unix(vec![export("disk", Arc::new(Memory::new(2 * MIB)))], &socket);
+    let e = client.read_at(&mut [0u8; 16], 0).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    assert!(e.to_string().contains("changed while reconnecting"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against nbdkit
+
+#[test]
+fn nbdkit_conformance_over_unix() {
+    if !have("nbdkit") {
+        return;
+    }
+    let peers = Mutex::new(Vec::new());
+    conformance::run(&|size| {
+        let size = size.to_string();
+        let peer = Peer::nbdkit_unix(&["memory", &size]);
+        let client = open(&peer.uri("", ""));
+        peers.lock().unwrap().push(peer);
+        Arc::new(client)
+    });
+}
+
+#[test]
+fn nbdkit_over_tcp_with_four_connections() {
+    if !have("nbdkit") {
+        return;
+    }
+    let peer = Peer::nbdkit_tcp(&["memory", "64M"]);
+    let client = Arc::new(open(&peer.uri("", "connections=4")));
+    assert_eq!(client.connections(), 4, "nbdkit's memory plugin allows several connections");
+    assert_eq!(client.size(), 64 * MIB);
+    // Disjoint writers in parallel, spread over the connections.
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let client = Arc::clone(&client);
+            s.spawn(move || {
+                let data = pattern(t, usize_of(8 * MIB));
+                client.write_at(&data, t * 8 * MIB).unwrap();
+                assert!(read(client.as_ref(), t * 8 * MIB, data.len()) == data);
+            });
+        }
+    });
+    client.flush().unwrap();
+    random_io(client.as_ref(), 11, 100, 4 * MIB);
+}
+
+#[test]
+fn nbdkit_extents_report_a_hole_after_trim() {
+    if !have("nbdkit") {
+        return;
+    }
+    let peer = Peer::nbdkit_unix(&["memory", "16M"]);
+    let client = open(&peer.uri("", ""));
+    assert!(client.capabilities().extents && client.capabilities().trim);
+    client.write_at(&pattern(5, usize_of(16 * MIB)), 0).unwrap();
+    let extents = client.extents(0, 16 * MIB).unwrap();
+    assert!(extents.iter().all(|e| !e.hole), "{extents:?}");
+    client.trim(4 * MIB, 2 * MIB).unwrap();
+    let extents = client.extents(0, 16 * MIB).unwrap();
+    assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), 16 * MIB);
+    let mut pos = 0;
+    let mut hole = 0;
+    for e in &extents {
+        if e.hole {
+            assert!(pos >= 4 * MIB && pos + e.len <= 6 * MIB, "hole at {pos}+{}: {extents:?}", e.len);
+            hole += e.len;
+        }
+        pos += e.len;
+    }
+    assert_eq!(hole, 2 * MIB, "{extents:?}");
+    assert!(read(&client, 4 * MIB, usize_of(2 * MIB)).iter().all(|&b| b == 0));
+    client.cache(0, 16 * MIB).unwrap();
+    client.discard(8 * MIB, MIB).unwrap();
+}
+
+#[test]
+fn nbdkit_block_size_policy_is_respected() {
+    if !have("nbdkit") {
+        return;
+    }
+    // The server fails any request that is not aligned to 4 KiB or longer than 64 KiB.
+    let peer = Peer::nbdkit_unix(&[
+        "--filter=blocksize-policy",
+        "memory",
+        "4M",
+        "blocksize-minimum=4096",
+        "blocksize-preferred=4096",
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ]);
+    let client = open(&peer.uri("", ""));
+    let info = client.info();
+    assert_eq!((info.min_block, info.max_payload()), (4096, 65536), "{info:?}");
+    random_io(&client, 13, 300, 300_000);
+    client.write_zeroes(1, 200_000).unwrap();
+    assert!(read(&client, 1, 200_000).iter().all(|&b| b == 0));
+    client.trim(5000, 10_000).unwrap();
+    let extents = client.extents(3, 1_000_000).unwrap();
+    assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), 1_000_000);
+    // Widened (cache) or narrowed (discard) to whole blocks, or the server would refuse them.
+    client.cache(1, 10_000).unwrap();
+    client.discard(1, 10_000).unwrap();
+    client.discard(1, 100).unwrap();
+}
+
+#[test]
+fn nbdkit_without_structured_replies_fixed_newstyle_or_no_zeroes() {
+    if !have("nbdkit") {
+        return;
+    }
+    for (args, structured) in [
+        (["--no-sr", "memory", "4M"], false),
+        (["--mask-handshake=1", "memory", "4M"], true),
+        (["--mask-handshake=0", "memory", "4M"], false),
+    ] {
+        let peer = Peer::nbdkit_unix(&args);
+        let client = open(&peer.uri("", ""));
+        let info = client.info();
+        assert_eq!(info.structured_replies, structured, "{args:?}: {info:?}");
+        assert_eq!(client.capabilities().extents, structured, "{args:?}: {info:?}");
+        assert_eq!(client.size(), 4 * MIB);
+        random_io(&client, 17, 60, MIB);
+    }
+}
+
+#[test]
+fn nbdkit_old_style_is_refused_clearly() {
+    if !have("nbdkit") {
+        return;
+    }
+    let peer = Peer::nbdkit_unix(&["--oldstyle", "memory", "1M"]);
+    let e = NbdBackend::open(&peer.uri("", "")).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+    assert!(e.to_string().contains("old-style"), "{e}");
+}
+
+#[test]
+fn nbdkit_errors_map_to_error_kinds() {
+    if !have("nbdkit") {
+        return;
+    }
+    let peer = Peer::nbdkit_unix(&[
+        "--filter=error",
+        "memory",
+        "1M",
+        "error-pwrite=ENOSPC",
+        "error-pwrite-rate=100%",
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+    ]);
+    let client = open(&peer.uri("", ""));
+    let e = client.write_at(&[1; 4096], 0).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+    assert!(e.to_string().contains("ENOSPC"), "{e}");
+    let e = client.read_at(&mut [0; 4096], 0).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Other, "{e}");
+    assert!(e.to_string().contains("EIO"), "{e}");
+    // The connection survives errors.
+    client.flush().unwrap();
+}
+
+#[test]
+fn a_killed_server_fails_requests_within_the_timeout() {
+    if !have("nbdkit") {
+        return;
+    }
+    let mut peer = Peer::nbdkit_unix(&["memory", "16M"]);
+    let client = Arc::new(open(&peer.uri("", "timeout=2")));
+    client.write_at(&pattern(6, 4096), 0).unwrap();
+    // Readers in flight when the server dies.
+    let readers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let client = Arc::clone(&client);
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut result = Ok(());
+                while started.elapsed() < Duration::from_secs(10) && result.is_ok() {
+                    result = client.read_at(&mut vec![0u8; 1 << 20], i * (1 << 20));
+                }
+                (result, started.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    peer.kill();
+    let killed = Instant::now();
+    for r in readers {
+        let (result, _) = r.join().expect("no panic");
+        let e = result.expect_err("reads fail once the server is gone");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    }
+    assert!(killed.elapsed() < Duration::from_secs(4), "failed within the timeout: {:?}", killed.elapsed());
+    // Later requests fail too, within the timeout.
+    let started = Instant::now();
+    let e = client.write_at(b"x", 0).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+    assert!(e.to_string().contains("last problem"), "the cause is named: {e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Against qemu-nbd
+
+#[test]
+fn qemu_nbd_writes_reach_the_file() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.raw");
+    let size = 16 * MIB;
+    std::fs::write(&file, vec![0u8; usize_of(size)]).unwrap();
+    let socket = dir.path().join("qemu.sock");
+    let (socket_arg, file_arg) = (socket.display().to_string(), file.display().to_string());
+    let uri_base = format!("nbd+unix://?socket={socket_arg}");
+    let mut peer = Peer::spawn(
+        "qemu-nbd",
+        &["-f", "raw", "-k", &socket_arg, "--persistent", &file_arg],
+        &NbdAddress::Unix(socket.clone()),
+        uri_base,
+        None,
+    );
+    let client = open(&peer.uri("", ""));
+    assert_eq!(client.size(), size);
+    assert!(client.info().structured_replies && client.capabilities().extents, "{:?}", client.info());
+    let mut model = vec![0u8; usize_of(size)];
+    let mut rng = fastrand::Rng::with_seed(21);
+    for i in 0..100 {
+        let off = rng.u64(0..size);
+        let len = rng.u64(1..=(size - off).min(MIB));
+        let data = pattern(i, usize_of(len));
+        client.write_at(&data, off).unwrap();
+        model[usize_of(off)..usize_of(off + len)].copy_from_slice(&data);
+    }
+    client.write_zeroes(MIB, 4096 * 3 + 5).unwrap();
+    model[usize_of(MIB)..usize_of(MIB + 4096 * 3 + 5)].fill(0);
+    client.trim(5 * MIB, MIB).unwrap();
+    model[usize_of(5 * MIB)..usize_of(6 * MIB)].fill(0);
+    client.flush().unwrap();
+    assert!(read(&client, 0, usize_of(size)) == model, "reads through qemu-nbd match");
+    drop(client);
+    peer.kill();
+    let on_disk = std::fs::read(&file).unwrap();
+    assert!(on_disk == model, "the file holds what was written");
+}
+
+/// The URI of `export` on the server at `base` (`nbd://HOST:PORT` or `nbd+unix://?socket=PATH`),
+/// with `query` (`key=value&...`) added.
+fn uri_of(base: &str, export: &str, query: &str) -> String {
+    match base.split_once('?') {
+        Some((scheme, socket)) => {
+            let sep = if query.is_empty() { "" } else { "&" };
+            format!("{scheme}/{export}?{socket}{sep}{query}")
+        }
+        None if query.is_empty() => format!("{base}/{export}"),
+        None => format!("{base}/{export}?{query}"),
+    }
+}
