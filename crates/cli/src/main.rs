@@ -25,10 +25,12 @@ enum Command {
     /// with everything written. Without root and /dev/fuse, or with --pipeline, the same managed
     /// stack runs in-process.
     Demo(demo::Args),
-    /// Serve a backend (memory, a file, a block device, a directory) to r3map clients.
+    /// Serve a backend (memory, a file, a block device, a directory) to r3map and NBD clients.
     ///
     /// Clients connect with r3map://HOST:PORT/EXPORT?ca=CA.pem (TLS), r3map+plain://HOST:PORT/EXPORT
     /// (plaintext) or r3map+unix:///EXPORT?socket=PATH, adding &token=... when the server needs one.
+    /// With --nbd or --nbd-unix, NBD clients (the kernel, QEMU, libnbd, nbdkit's tools) connect with
+    /// nbd://HOST:PORT/EXPORT, nbds:// (TLS) or nbd+unix:///EXPORT?socket=PATH.
     /// TCP needs a security choice: --tls-cert/--tls-key (TLS 1.3) or --insecure-plaintext.
     /// SIGINT or SIGTERM stops it cleanly (requests in flight finish, the backend is flushed);
     /// a second one exits at once.

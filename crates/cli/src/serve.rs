@@ -48,6 +48,9 @@ pub struct Args {
     /// `file:///PATH?size=SIZE&truncate=true`: the file emptied and set to SIZE.
     /// `dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N]`: one file per chunk in a directory
     /// (chunk size defaults to --chunk-size, open files to 512).
+    /// `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an export of another NBD
+    /// server (nbdkit, qemu-nbd, ...), served on (a protocol gateway); remote r3map and gRPC
+    /// URLs work the same way.
     #[arg(value_name = "BACKEND-URL", verbatim_doc_comment)]
     pub backend: String,
     /// TCP address to listen on: HOST:PORT, `[IPV6]:PORT`, or :PORT for every interface. Defaults
