@@ -37,9 +37,14 @@
 //! | `grpc://HOST:PORT?size=SIZE` | a Go r3map (or our) gRPC `Backend` service, plaintext; the size is given since the service has no size call |
 //! | `nbd://HOST[:PORT]/[EXPORT]` | an export of any NBD server (`nbdkit`, `qemu-nbd`, `r3map serve --nbd`); port 10809 by default, the empty export is the default one ([`r3map_nbd::NbdClientOptions::from_url`]) |
 //! | `nbd+unix:///[EXPORT]?socket=PATH` | an export of an NBD server on a Unix socket |
+//! | `nbds://HOST[:PORT]/[EXPORT]?tls-certificates=DIR` | the same over TLS (`NBD_OPT_STARTTLS`), which is then required; `DIR` holds `ca-cert.pem` and, for a client certificate, `client-cert.pem` and `client-key.pem`, as for libnbd |
+//! | `nbds://HOST[:PORT]/[EXPORT]?ca=PATH[&cert=PATH&key=PATH]` | the same with the CA (and client certificate and key) as PEM files, as `r3map://` takes them |
+//! | `nbds+unix:///[EXPORT]?socket=PATH&tls-certificates=DIR` | TLS on a Unix socket (the certificate is checked for `localhost`) |
 //!
-//! NBD URIs take `connections=N` (used when the server allows several) and `timeout=SECONDS`.
-//! TLS (`nbds://`, `nbds+unix://`) is not supported yet.
+//! NBD URIs take `connections=N` (used when the server allows several) and `timeout=SECONDS`;
+//! `nbds` URIs also `tls-hostname=NAME` (the name the server's certificate is checked against).
+//! TLS needs a CA (the system's trusted roots are not used) and always verifies the server's
+//! certificate (`tls-verify-peer=false` is refused); it never falls back to plaintext.
 //!
 //! Redis and S3 backends are not supported yet; their URLs get an error that says so.
 
@@ -97,7 +102,8 @@ impl std::fmt::Debug for Opened {
 const FORMS: &str = "use memory:SIZE, file:///PATH[?size=SIZE[&truncate=true]], \
                      dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N], an r3map server \
                      (r3map://, r3map+plain://, r3map+unix://), grpc://HOST:PORT?size=SIZE or an NBD \
-                     server (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)";
+                     server (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds:// and \
+                     nbds+unix:// with ?tls-certificates=DIR)";
 
 /// A URL without its query (which may hold a token).
 fn remote_name(url: &str) -> &str {
@@ -182,13 +188,15 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
     }
 }
 
-/// `NBD server 127.0.0.1:10809 export 'disk'`, or `... default export`.
+/// `NBD server 127.0.0.1:10809 export 'disk'`, or `... default export`, with ` over TLS` when
+/// it is.
 fn nbd_description(remote: &r3map_nbd::NbdBackend) -> String {
     let (address, export) = (remote.address(), remote.export());
+    let tls = if remote.tls() { " over TLS" } else { "" };
     if export.is_empty() {
-        format!("NBD server {address} default export")
+        format!("NBD server {address} default export{tls}")
     } else {
-        format!("NBD server {address} export '{export}'")
+        format!("NBD server {address} export '{export}'{tls}")
     }
 }
 
@@ -536,7 +544,9 @@ mod tests {
         let e = err("nbd+unix:///disk");
         assert!(e.contains("?socket=PATH"), "{e}");
         let e = err("nbds://example.com/disk");
-        assert!(e.contains("does not support TLS yet"), "{e}");
+        assert!(e.contains("TLS needs the CA") && e.contains("tls-certificates=DIR"), "{e}");
+        let e = err("nbd://example.com/disk?tls-certificates=/etc/pki");
+        assert!(e.contains("use nbds:// for TLS"), "{e}");
         let e = err("nbd://127.0.0.1:1/disk");
         assert!(e.contains("NBD server at 127.0.0.1:1"), "{e}");
         assert!(FORMS.contains("nbd://"));
@@ -564,6 +574,44 @@ mod tests {
         let default = ok(&format!("nbd+unix:///?socket={}", socket.display()));
         assert!(default.description.ends_with("default export"), "{}", default.description);
         drop((opened, default));
+        stop.send(()).unwrap();
+        thread.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn nbds_urls_open_an_nbd_server_over_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = r3map_net::certs::Authority::new("cli test CA").unwrap();
+        let pem = ca.server(&["localhost"]).unwrap();
+        std::fs::write(dir.path().join("ca-cert.pem"), &ca.pem().cert).unwrap();
+        let config = r3map_net::server_tls(pem.cert.as_bytes(), pem.key.as_bytes(), None).unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let backend: r3map_core::SharedBackend = Arc::new(Memory::new(65536));
+        let server = r3map_nbd::NbdServer::new(vec![r3map_nbd::NbdExport::new("disk", backend)])
+            .unwrap()
+            .with_tls(r3map_nbd::NbdTls { config, mode: r3map_nbd::TlsMode::Require });
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                server.serve_unix(listener, async { drop(stopped.await) }).await
+            })
+        });
+        let url = format!(
+            "nbds+unix:///disk?socket={}&tls-certificates={}",
+            socket.display(),
+            dir.path().display()
+        );
+        let opened = ok(&url);
+        assert_eq!(opened.backend.size(), 65536);
+        assert_eq!(
+            opened.description,
+            format!("NBD server unix:{} export 'disk' over TLS", socket.display())
+        );
+        drop(opened);
         stop.send(()).unwrap();
         thread.join().unwrap().unwrap();
     }

@@ -51,6 +51,6 @@ pub mod proto;
 pub mod server;
 pub mod status;
 
-pub use client::{NbdAddress, NbdBackend, NbdClientOptions, NbdExportInfo};
+pub use client::{NbdAddress, NbdBackend, NbdClientOptions, NbdClientTls, NbdExportInfo};
 pub use server::{BlockSizes, ConfigError, ConnectionError, NbdExport, NbdServer, NbdTls, TlsMode};
 pub use status::ChunkStates;

@@ -29,6 +29,8 @@ struct Served {
 enum Listen {
     Unix(PathBuf),
     Tcp,
+    /// TCP on 127.0.0.1 at this port.
+    TcpAt(u16),
 }
 
 impl Served {
@@ -48,8 +50,9 @@ impl Served {
                         ready_tx.send(format!("nbd+unix://?socket={}", path.display())).expect("test alive");
                         server.serve_unix(listener, shutdown).await
                     }
-                    Listen::Tcp => {
-                        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    Listen::Tcp | Listen::TcpAt(_) => {
+                        let port = if let Listen::TcpAt(port) = listen { port } else { 0 };
+                        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
                         ready_tx.send(format!("nbd://{}", listener.local_addr()?)).expect("test alive");
                         server.serve_tcp(listener, shutdown).await
                     }
@@ -155,6 +158,21 @@ impl Peer {
         all.extend_from_slice(args);
         let address = NbdAddress::Tcp { host: "127.0.0.1".into(), port: port.parse().expect("port") };
         Self::spawn("nbdkit", &all, &address, format!("nbd://127.0.0.1:{port}"), None)
+    }
+
+    /// `nbdkit --tls=require --tls-certificates=DIR [--tls-verify-peer] PLUGIN ARGS` on 127.0.0.1
+    /// at a free port; `uri_base` is `nbds://localhost:PORT`.
+    fn nbdkit_tls(dir: &Path, verify_peer: bool, args: &[&str]) -> Self {
+        let port = free_port().to_string();
+        let certificates = format!("--tls-certificates={}", dir.display());
+        let mut all = vec!["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port];
+        all.extend_from_slice(&["--tls=require", &certificates]);
+        if verify_peer {
+            all.push("--tls-verify-peer");
+        }
+        all.extend_from_slice(args);
+        let address = NbdAddress::Tcp { host: "127.0.0.1".into(), port: port.parse().expect("port") };
+        Self::spawn("nbdkit", &all, &address, format!("nbds://localhost:{port}"), None)
     }
 
     fn uri(&self, export: &str, query: &str) -> String {
@@ -370,7 +388,7 @@ fn a_server_that_requires_tls_is_explained() {
     let served = Served::start(server, Listen::Tcp);
     let e = NbdBackend::open(&served.uri("disk", "")).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::Unsupported);
-    assert!(e.to_string().contains("requires TLS"), "{e}");
+    assert!(e.to_string().contains("requires TLS") && e.to_string().contains("use an nbds:// URI"), "{e}");
 }
 
 #[test]
@@ -442,6 +460,243 @@ fn a_changed_export_is_refused_on_reconnect() {
     let e = client.read_at(&mut [0u8; 16], 0).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     assert!(e.to_string().contains("changed while reconnecting"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A CA, a server certificate for `localhost`, a client certificate, and the files clients read:
+/// a libnbd-style directory (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`, and for nbdkit
+/// `server-cert.pem`, `server-key.pem`) and the same as separate files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: r3map_net::certs::Authority,
+    server: r3map_net::certs::Pem,
+}
+
+impl Pki {
+    fn new() -> Self {
+        Self::named("r3map test CA")
+    }
+
+    fn named(ca_name: &str) -> Self {
+        let ca = r3map_net::certs::Authority::new(ca_name).unwrap();
+        let server = ca.server(&["localhost"]).unwrap();
+        let client = ca.client("tester").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: &str| std::fs::write(dir.path().join(name), pem).unwrap();
+        write("ca-cert.pem", &ca.pem().cert);
+        write("client-cert.pem", &client.cert);
+        write("client-key.pem", &client.key);
+        write("server-cert.pem", &server.cert);
+        write("server-key.pem", &server.key);
+        std::fs::create_dir(dir.path().join("ca-only")).unwrap();
+        std::fs::write(dir.path().join("ca-only/ca-cert.pem"), &ca.pem().cert).unwrap();
+        Self { dir, ca, server }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// `tls-certificates=DIR` with the client certificate.
+    fn directory(&self) -> String {
+        format!("tls-certificates={}", self.dir.path().display())
+    }
+
+    /// `tls-certificates=DIR` without a client certificate.
+    fn ca_only_directory(&self) -> String {
+        format!("tls-certificates={}", self.path("ca-only"))
+    }
+
+    /// `ca=...&cert=...&key=...`.
+    fn files(&self) -> String {
+        format!(
+            "ca={}&cert={}&key={}",
+            self.path("ca-cert.pem"),
+            self.path("client-cert.pem"),
+            self.path("client-key.pem")
+        )
+    }
+
+    /// Our server requiring TLS, and client certificates signed by the CA when `client_auth`.
+    fn server(&self, exports: Vec<NbdExport>, client_auth: bool) -> NbdServer {
+        let client_ca = client_auth.then(|| self.ca.pem().cert.as_bytes());
+        let config =
+            r3map_net::server_tls(self.server.cert.as_bytes(), self.server.key.as_bytes(), client_ca)
+                .unwrap();
+        NbdServer::new(exports).unwrap().with_tls(NbdTls { config, mode: TlsMode::Require })
+    }
+}
+
+/// The `nbds` URI of `export` on a served `nbd://127.0.0.1:PORT` or `nbd+unix://` base, with the
+/// host named `localhost` (the certificate's name).
+fn nbds(served: &Served, export: &str, query: &str) -> String {
+    let base = served.uri_base.replacen("nbd://127.0.0.1:", "nbds://localhost:", 1);
+    let base = base.replacen("nbd+unix://", "nbds+unix://", 1);
+    uri_of(&base, export, query)
+}
+
+#[test]
+fn tls_with_a_libnbd_certificate_directory() {
+    let pki = Pki::new();
+    let memory = Arc::new(Memory::new(8 * MIB));
+    let served = Served::start(pki.server(vec![export("disk", memory.clone())], true), Listen::Tcp);
+    let client = open(&nbds(&served, "disk", &format!("{}&connections=2", pki.directory())));
+    assert!(client.tls());
+    assert_eq!((client.size(), client.connections()), (8 * MIB, 2));
+    assert!(client.info().structured_replies && client.capabilities().extents, "{:?}", client.info());
+    random_io(&client, 31, 200, MIB);
+    client.write_at(b"through TLS", 0).unwrap();
+    client.flush().unwrap();
+    assert_eq!(read(memory.as_ref(), 0, 11), b"through TLS");
+    assert!(format!("{client:?}").contains("tls: true"), "{client:?}");
+}
+
+#[test]
+fn conformance_over_tls_with_certificate_files() {
+    let pki = Pki::new();
+    let servers = Mutex::new(Vec::new());
+    conformance::run(&|size| {
+        let served =
+            Served::start(pki.server(vec![export("", Arc::new(Memory::new(size)))], true), Listen::Tcp);
+        let client = open(&nbds(&served, "", &pki.files()));
+        assert!(client.tls());
+        servers.lock().unwrap().push(served);
+        Arc::new(client)
+    });
+}
+
+#[test]
+fn tls_over_a_unix_socket() {
+    // Our server offers TLS on Unix sockets without requiring it; nbds+unix requires it.
+    let pki = Pki::new();
+    let socket = pki.dir.path().join("s");
+    let memory = Arc::new(Memory::new(MIB));
+    let served = Served::start(pki.server(vec![export("disk", memory)], true), Listen::Unix(socket));
+    let client = open(&nbds(&served, "disk", &pki.directory()));
+    assert!(client.tls());
+    random_io(&client, 32, 100, 65536);
+    // The name checked defaults to localhost; another one fails.
+    let e =
+        NbdBackend::open(&nbds(&served, "disk", &format!("{}&tls-hostname=disk.example", pki.directory())))
+            .unwrap_err();
+    assert!(e.to_string().contains("not valid for the name 'disk.example'"), "{e}");
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused_clearly() {
+    let pki = Pki::new();
+    let served =
+        Served::start(pki.server(vec![export("disk", Arc::new(Memory::new(MIB)))], true), Listen::Tcp);
+    let started = Instant::now();
+    for query in [pki.ca_only_directory(), format!("ca={}", pki.path("ca-cert.pem"))] {
+        let e = NbdBackend::open(&nbds(&served, "disk", &query)).unwrap_err();
+        assert!(e.to_string().contains("may require a client certificate"), "{query}: {e}");
+        assert!(e.to_string().contains("localhost"), "the server is named: {e}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "not retried: {:?}", started.elapsed());
+    // Without client authentication, the same clients are served.
+    let open_server =
+        Served::start(pki.server(vec![export("disk", Arc::new(Memory::new(MIB)))], false), Listen::Tcp);
+    assert_eq!(open(&nbds(&open_server, "disk", &pki.ca_only_directory())).size(), MIB);
+}
+
+#[test]
+fn a_server_certificate_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let served =
+        Served::start(pki.server(vec![export("disk", Arc::new(Memory::new(MIB)))], false), Listen::Tcp);
+    // A CA of the same name (the signature does not verify) and one of another name.
+    for other in [Pki::new(), Pki::named("another CA")] {
+        let e = NbdBackend::open(&nbds(&served, "disk", &other.ca_only_directory())).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("not signed by the CA this client trusts"), "{e}");
+    }
+}
+
+#[test]
+fn a_server_certificate_for_another_name_is_refused() {
+    let pki = Pki::new();
+    let served =
+        Served::start(pki.server(vec![export("disk", Arc::new(Memory::new(MIB)))], false), Listen::Tcp);
+    // The certificate names localhost, not 127.0.0.1.
+    let by_address =
+        uri_of(&served.uri_base.replacen("nbd://", "nbds://", 1), "disk", &pki.ca_only_directory());
+    let e = NbdBackend::open(&by_address).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("not valid for the name '127.0.0.1'"), "{e}");
+    assert!(e.to_string().contains("tls-hostname=NAME"), "{e}");
+    // tls-hostname gives the name the certificate was issued for.
+    let named = format!("{by_address}&tls-hostname=localhost");
+    assert_eq!(open(&named).size(), MIB);
+}
+
+#[test]
+fn nbds_to_a_server_without_tls_fails_clearly() {
+    let pki = Pki::new();
+    let served = Served::tcp(vec![export("disk", Arc::new(Memory::new(MIB)))]);
+    let e = NbdBackend::open(&nbds(&served, "disk", &pki.directory())).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("does not start TLS"), "{e}");
+    assert!(e.to_string().contains("never falls back to plaintext"), "{e}");
+}
+
+#[test]
+fn requests_wait_through_a_tls_server_restart() {
+    let pki = Pki::new();
+    let port = free_port();
+    let memory = Arc::new(Memory::new(MIB));
+    let start = |memory: Arc<Memory>| {
+        Served::start(pki.server(vec![export("disk", memory)], true), Listen::TcpAt(port))
+    };
+    let mut server = start(memory.clone());
+    let client = open(&nbds(&server, "disk", &format!("{}&timeout=20", pki.directory())));
+    client.write_at(b"before", 0).unwrap();
+    server.stop();
+    std::thread::scope(|s| {
+        let restarted = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            start(memory.clone())
+        });
+        // Sent while the server is down: answered once it is back, over a new TLS session.
+        assert_eq!(read(&client, 0, 6), b"before");
+        client.write_at(b"after", 6).unwrap();
+        let _server = restarted.join().unwrap();
+        assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
+    });
+}
+
+#[test]
+fn nbdkit_over_tls() {
+    if !have("nbdkit") {
+        return;
+    }
+    let pki = Pki::new();
+    let peer = Peer::nbdkit_tls(pki.dir.path(), false, &["memory", "64M"]);
+    let client = open(&peer.uri("", &format!("{}&connections=2", pki.ca_only_directory())));
+    assert!(client.tls());
+    assert_eq!(client.size(), 64 * MIB);
+    random_io(&client, 33, 200, 4 * MIB);
+    // Plaintext is refused by nbdkit --tls=require, with the way out named.
+    let plain = peer.uri("", "").replacen("nbds://localhost", "nbd://127.0.0.1", 1);
+    let e = NbdBackend::open(&plain).unwrap_err();
+    assert!(e.to_string().contains("use an nbds:// URI"), "{e}");
+}
+
+#[test]
+fn nbdkit_over_tls_checks_client_certificates() {
+    if !have("nbdkit") {
+        return;
+    }
+    let pki = Pki::new();
+    let peer = Peer::nbdkit_tls(pki.dir.path(), true, &["memory", "16M"]);
+    for query in [pki.directory(), pki.files()] {
+        let client = open(&peer.uri("", &query));
+        random_io(&client, 34, 50, MIB);
+    }
+    let e = NbdBackend::open(&peer.uri("", &pki.ca_only_directory())).unwrap_err();
+    assert!(e.to_string().contains("client certificate"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::handshake::{BoxedStream, HandshakeError, Negotiated, negotiate};
-use super::options::NbdAddress;
+use super::options::{NbdAddress, NbdClientTls};
 use super::reply::{Assembly, Expect, Payload, Reply, Violation, server_error};
 use crate::proto::{
     self, ChunkHeader, Command, Request, SimpleReply, errno, reply_flags, transmission_flags,
@@ -91,10 +91,12 @@ pub(crate) struct Target {
     pub export: String,
     pub connect_timeout: Duration,
     pub max_backoff: Duration,
+    /// TLS on every connection (and every reconnection), when given.
+    pub tls: Option<NbdClientTls>,
 }
 
 impl Target {
-    /// Connects and negotiates the export.
+    /// Connects and negotiates the export (starting TLS first when the target has it).
     pub(crate) async fn connect(&self) -> Result<(BoxedStream, Negotiated), HandshakeError> {
         let attempt = async {
             let io: BoxedStream = match &self.address {
@@ -105,7 +107,7 @@ impl Target {
                 }
                 NbdAddress::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
             };
-            negotiate(io, &self.export).await
+            negotiate(io, &self.export, self.tls.as_ref()).await
         };
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(Ok(connected)) => Ok(connected),
@@ -617,7 +619,7 @@ pub async fn fuzz_session<S>(stream: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Ok((io, negotiated)) = negotiate(Box::new(stream), "").await else {
+    let Ok((io, negotiated)) = negotiate(Box::new(stream), "", None).await else {
         return;
     };
     let (rd, mut wr) = tokio::io::split(io);
@@ -834,6 +836,7 @@ mod tests {
             export: String::new(),
             connect_timeout: Duration::from_secs(1),
             max_backoff: Duration::from_millis(100),
+            tls: None,
         })
     }
 

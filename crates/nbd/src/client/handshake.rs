@@ -5,14 +5,20 @@
 //! `NBD_INFO_BLOCK_SIZE` request, falling back to `NBD_OPT_EXPORT_NAME` when the server does not
 //! know `NBD_OPT_GO`. A server without fixed newstyle gets `NBD_OPT_EXPORT_NAME` alone.
 //!
-//! TLS goes in [`negotiate`] right after the client flags: `NBD_OPT_STARTTLS` must come before
-//! every stateful option (a server forgets them once TLS starts), and the upgraded stream replaces
-//! the plain one, which is why the stream is taken and handed back by value.
+//! With TLS, `NBD_OPT_STARTTLS` comes right after the client flags, before every stateful option
+//! (a server forgets them once TLS starts); once the server acknowledges it, the TLS handshake
+//! runs over the same stream and the upgraded stream replaces the plain one (which is why the
+//! stream is taken and handed back by value) for the rest of the negotiation and the
+//! transmission phase. A server that does not start TLS ends the handshake: there is no fallback
+//! to plaintext.
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::options::NbdClientTls;
 
 use crate::proto::{
     self, InfoRequest, OptionHeader, OptionReplyHeader, client_flags, handshake_flags, info, opt, rep,
@@ -144,8 +150,13 @@ impl From<io::Error> for HandshakeError {
 
 type Result<T> = std::result::Result<T, HandshakeError>;
 
-/// Negotiates `export` on a fresh connection and returns the stream in transmission phase.
-pub(crate) async fn negotiate(mut io: BoxedStream, export: &str) -> Result<(BoxedStream, Negotiated)> {
+/// Negotiates `export` on a fresh connection, inside TLS when `tls` is given, and returns the
+/// stream in transmission phase.
+pub(crate) async fn negotiate(
+    mut io: BoxedStream,
+    export: &str,
+    tls: Option<&NbdClientTls>,
+) -> Result<(BoxedStream, Negotiated)> {
     let flags = greeting(&mut io).await?;
     let fixed = flags & handshake_flags::FIXED_NEWSTYLE != 0;
     let no_zeroes = flags & handshake_flags::NO_ZEROES != 0;
@@ -157,15 +168,37 @@ pub(crate) async fn negotiate(mut io: BoxedStream, export: &str) -> Result<(Boxe
         client |= client_flags::NO_ZEROES;
     }
     io.write_all(&client.to_be_bytes()).await?;
-    // NBD_OPT_STARTTLS belongs here, before every stateful option.
+    let Some(tls) = tls else {
+        return options(io, export, fixed, no_zeroes, false).await;
+    };
+    if !fixed {
+        return Err(HandshakeError::refused(
+            io::ErrorKind::Unsupported,
+            "the server does not speak fixed newstyle negotiation, so it cannot start TLS, which \
+             this connection requires (TLS never falls back to plaintext)",
+        ));
+    }
+    let io = start_tls(io, tls).await?;
+    options(io, export, true, no_zeroes, true).await.map_err(|e| after_tls(e, tls))
+}
+
+/// The options after the client flags (and after `NBD_OPT_STARTTLS`, when `tls`).
+async fn options(
+    mut io: BoxedStream,
+    export: &str,
+    fixed: bool,
+    no_zeroes: bool,
+    tls: bool,
+) -> Result<(BoxedStream, Negotiated)> {
     if !fixed {
         // Plain newstyle servers know no other option.
         let info = export_name(&mut io, export, no_zeroes).await?;
         return Ok((io, Negotiated { info, context: None }));
     }
-    let structured = structured_replies(&mut io).await?;
-    let context = if structured { set_meta_context(&mut io, export).await? } else { None };
-    let negotiated = match go(&mut io, export).await? {
+    let asking = Asking { export, tls };
+    let structured = structured_replies(&mut io, asking).await?;
+    let context = if structured { set_meta_context(&mut io, asking).await? } else { None };
+    let negotiated = match go(&mut io, asking).await? {
         Some(mut info) => {
             info.structured_replies = structured;
             info.block_status = context.is_some();
@@ -272,6 +305,7 @@ async fn read_reply<S: AsyncRead + Unpin>(io: &mut S, option: u32) -> Result<Opt
 fn option_name(option: u32) -> &'static str {
     match option {
         opt::EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        opt::STARTTLS => "NBD_OPT_STARTTLS",
         opt::STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         opt::SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
         opt::GO => "NBD_OPT_GO",
@@ -301,14 +335,32 @@ fn message_of(data: &[u8]) -> String {
     if text.is_empty() { String::new() } else { format!(" (the server says: {text})") }
 }
 
+/// What the options are negotiated for.
+#[derive(Debug, Clone, Copy)]
+struct Asking<'a> {
+    export: &'a str,
+    /// TLS is running.
+    tls: bool,
+}
+
 /// The error for an error reply that ends the handshake.
-fn refusal(option: u32, reply: &OptionReply, export: &str) -> HandshakeError {
+fn refusal(option: u32, reply: &OptionReply, asking: Asking<'_>) -> HandshakeError {
     use io::ErrorKind as K;
     let said = message_of(&reply.data);
+    let export = asking.export;
     let (kind, message) = match reply.reply {
+        rep::ERR_TLS_REQD if asking.tls => {
+            return HandshakeError::protocol(format!(
+                "it still requires TLS after starting it, in its answer to {}{said}",
+                option_name(option)
+            ));
+        }
         rep::ERR_TLS_REQD => (
             K::Unsupported,
-            format!("the server requires TLS, which this NBD client does not support yet{said}"),
+            format!(
+                "the server requires TLS{said}: use an nbds:// URI (nbds+unix:// on a Unix socket) with \
+                 the CA that signed its certificate (tls-certificates=DIR or ca=PATH)"
+            ),
         ),
         rep::ERR_UNKNOWN => (K::NotFound, format!("the server has no export named '{export}'{said}")),
         rep::ERR_POLICY => (K::PermissionDenied, format!("the server refused the export '{export}'{said}")),
@@ -328,9 +380,9 @@ fn refusal(option: u32, reply: &OptionReply, export: &str) -> HandshakeError {
 
 /// Checks an error reply to an option whose failure only costs a feature; `Err` for the replies
 /// that end the handshake whatever the option (TLS required, shutting down).
-fn optional_failure(option: u32, reply: &OptionReply, export: &str) -> Result<()> {
+fn optional_failure(option: u32, reply: &OptionReply, asking: Asking<'_>) -> Result<()> {
     if matches!(reply.reply, rep::ERR_TLS_REQD | rep::ERR_SHUTDOWN) {
-        return Err(refusal(option, reply, export));
+        return Err(refusal(option, reply, asking));
     }
     tracing::debug!(
         option = option_name(option),
@@ -346,12 +398,15 @@ fn unexpected(option: u32, reply: u32) -> HandshakeError {
 }
 
 /// `NBD_OPT_STRUCTURED_REPLY`: whether the server agreed.
-async fn structured_replies<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<bool> {
+async fn structured_replies<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    asking: Asking<'_>,
+) -> Result<bool> {
     send_option(io, opt::STRUCTURED_REPLY, &[]).await?;
     let reply = read_reply(io, opt::STRUCTURED_REPLY).await?;
     match reply.reply {
         rep::ACK => Ok(true),
-        r if rep::is_error(r) => optional_failure(opt::STRUCTURED_REPLY, &reply, "").map(|()| false),
+        r if rep::is_error(r) => optional_failure(opt::STRUCTURED_REPLY, &reply, asking).map(|()| false),
         r => Err(unexpected(opt::STRUCTURED_REPLY, r)),
     }
 }
@@ -375,9 +430,9 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
 /// `NBD_OPT_SET_META_CONTEXT` for `base:allocation`: its id, or `None` when the server has none.
 async fn set_meta_context<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
-    export: &str,
+    asking: Asking<'_>,
 ) -> Result<Option<u32>> {
-    send_option(io, opt::SET_META_CONTEXT, &meta_context_request(export, BASE_ALLOCATION)).await?;
+    send_option(io, opt::SET_META_CONTEXT, &meta_context_request(asking.export, BASE_ALLOCATION)).await?;
     let mut id = None;
     for _ in 0..MAX_REPLIES_PER_OPTION {
         let reply = read_reply(io, opt::SET_META_CONTEXT).await?;
@@ -393,7 +448,7 @@ async fn set_meta_context<S: AsyncRead + AsyncWrite + Unpin>(
             }
             r if rep::is_error(r) => {
                 // The contexts are dropped on failure; extents are then not available.
-                return optional_failure(opt::SET_META_CONTEXT, &reply, export).map(|()| None);
+                return optional_failure(opt::SET_META_CONTEXT, &reply, asking).map(|()| None);
             }
             r => return Err(unexpected(opt::SET_META_CONTEXT, r)),
         }
@@ -403,8 +458,11 @@ async fn set_meta_context<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// `NBD_OPT_GO`: the export's information once in transmission, `None` when the server does not
 /// know the option.
-async fn go<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, export: &str) -> Result<Option<NbdExportInfo>> {
-    let request = InfoRequest { name: export.to_owned(), infos: vec![info::BLOCK_SIZE] };
+async fn go<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    asking: Asking<'_>,
+) -> Result<Option<NbdExportInfo>> {
+    let request = InfoRequest { name: asking.export.to_owned(), infos: vec![info::BLOCK_SIZE] };
     send_option(io, opt::GO, &request.encode()).await?;
     let mut export_info = None;
     let mut block_sizes = None;
@@ -426,7 +484,7 @@ async fn go<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, export: &str) -> Resu
                 return Ok(Some(info));
             }
             rep::ERR_UNSUP => return Ok(None),
-            r if rep::is_error(r) => return Err(refusal(opt::GO, &reply, export)),
+            r if rep::is_error(r) => return Err(refusal(opt::GO, &reply, asking)),
             r => return Err(unexpected(opt::GO, r)),
         }
     }
@@ -488,6 +546,135 @@ fn check_block_sizes(s: BlockSizes) -> Result<()> {
     }
 }
 
+/// `NBD_OPT_STARTTLS`, then the TLS handshake over the same stream: the stream inside TLS.
+async fn start_tls(mut io: BoxedStream, tls: &NbdClientTls) -> Result<BoxedStream> {
+    send_option(&mut io, opt::STARTTLS, &[]).await?;
+    let reply = read_reply(&mut io, opt::STARTTLS).await?;
+    match reply.reply {
+        rep::ACK => {}
+        rep::ERR_SHUTDOWN => {
+            return Err(refusal(opt::STARTTLS, &reply, Asking { export: "", tls: false }));
+        }
+        r if rep::is_error(r) => {
+            return Err(HandshakeError::refused(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the server does not start TLS: it answered NBD_OPT_STARTTLS with {}{}; this \
+                     connection requires TLS and never falls back to plaintext",
+                    reply_name(r),
+                    message_of(&reply.data)
+                ),
+            ));
+        }
+        r => return Err(unexpected(opt::STARTTLS, r)),
+    }
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+    match connector.connect(tls.server_name.clone(), io).await {
+        Ok(stream) => Ok(Box::new(stream)),
+        Err(e) => Err(tls_failure(&e, tls)),
+    }
+}
+
+/// What to do about the missing or refused client certificate, for errors where that may be the
+/// cause.
+fn client_certificate_hint(tls: &NbdClientTls) -> &'static str {
+    if tls.has_client_certificate() {
+        "the server may not trust this client's certificate"
+    } else {
+        "the server may require a client certificate: put client-cert.pem and client-key.pem in the \
+         tls-certificates directory, or add cert=PATH and key=PATH"
+    }
+}
+
+/// The error for a failed TLS handshake (or a TLS alert right after it). TLS errors (an
+/// untrusted or misnamed certificate, an alert from the server) are permanent; a connection
+/// that merely broke is not.
+fn tls_failure(e: &io::Error, tls: &NbdClientTls) -> HandshakeError {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let Some(inner) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        let error = match e.kind() {
+            io::ErrorKind::UnexpectedEof => io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!(
+                    "the server closed the connection during the TLS handshake; {}",
+                    client_certificate_hint(tls)
+                ),
+            ),
+            kind if hung_up(kind) => io::Error::new(
+                kind,
+                format!("the TLS handshake failed ({e}); {}", client_certificate_hint(tls)),
+            ),
+            kind => io::Error::new(kind, format!("the TLS handshake failed: {e}")),
+        };
+        return HandshakeError { error, permanent: false };
+    };
+    let name = tls.server_name.to_str();
+    let message = match inner {
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            format!(
+                "the server's TLS certificate is not valid for the name '{name}' ({inner}); give the \
+                 name it was issued for with tls-hostname=NAME"
+            )
+        }
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => format!(
+            "the server's TLS certificate is not signed by the CA this client trusts ({inner}); check \
+             ca-cert.pem in the tls-certificates directory, or ca=PATH"
+        ),
+        rustls::Error::InvalidCertificate(_) => {
+            format!("the server's TLS certificate is not acceptable: {inner}")
+        }
+        rustls::Error::AlertReceived(
+            alert @ (A::CertificateRequired
+            | A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::HandshakeFailure),
+        ) => format!(
+            "the server refused the TLS connection (alert {alert:?}): {}",
+            client_certificate_hint(tls)
+        ),
+        rustls::Error::AlertReceived(alert) => {
+            format!("the server refused the TLS connection (alert {alert:?})")
+        }
+        other => format!("TLS with the server failed: {other}"),
+    };
+    HandshakeError::refused(io::ErrorKind::PermissionDenied, message)
+}
+
+/// Explains a failure of the options sent inside TLS: TLS alerts (a server refuses a client
+/// certificate only after the client's side of the TLS handshake is over), and a server that
+/// hangs up.
+fn after_tls(e: HandshakeError, tls: &NbdClientTls) -> HandshakeError {
+    if e.permanent {
+        return e;
+    }
+    if e.error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some() {
+        return tls_failure(&e.error, tls);
+    }
+    let kind = e.error.kind();
+    if !hung_up(kind) {
+        return e;
+    }
+    let message = format!(
+        "the connection broke right after TLS started ({}); {}",
+        e.error,
+        client_certificate_hint(tls)
+    );
+    HandshakeError { error: io::Error::new(kind, message), permanent: false }
+}
+
+/// Whether an error kind is the server hanging up.
+fn hung_up(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
 /// `NBD_OPT_EXPORT_NAME`, which the server answers with the export or by hanging up.
 async fn export_name<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
@@ -532,7 +719,7 @@ mod tests {
             let (client, mut server) = tokio::io::duplex(1 << 20);
             server.write_all(script).await.unwrap();
             server.shutdown().await.unwrap();
-            let result = negotiate(Box::new(client), export).await.map(|(_, n)| n);
+            let result = negotiate(Box::new(client), export, None).await.map(|(_, n)| n);
             let mut sent = Vec::new();
             server.read_to_end(&mut sent).await.unwrap();
             (result, sent)
@@ -680,6 +867,7 @@ mod tests {
         s.extend(encode_option_reply(opt::STRUCTURED_REPLY, rep::ERR_TLS_REQD, b"TLS first"));
         let e = failed(run(&s, "").0);
         assert!(e.to_string().contains("requires TLS") && e.to_string().contains("TLS first"), "{e}");
+        assert!(e.to_string().contains("use an nbds:// URI"), "{e}");
 
         let mut s = newstyle();
         s.extend(encode_option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
@@ -753,6 +941,206 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
             assert!(e.to_string().contains(expected), "{expected}: {e}");
         }
+    }
+
+    // TLS
+
+    /// A CA, and TLS for a client trusting it (with a client certificate when `identity`) that
+    /// checks the name `name`; a server configuration for `localhost` (requiring client
+    /// certificates when `client_auth`).
+    fn pki(name: &str, identity: bool, client_auth: bool) -> (NbdClientTls, Arc<rustls::ServerConfig>) {
+        let ca = r3map_net::certs::Authority::new("handshake test CA").unwrap();
+        let server = ca.server(&["localhost"]).unwrap();
+        let client = ca.client("tester").unwrap();
+        let ca_pem = ca.pem().cert.as_bytes();
+        let identity = identity.then_some((client.cert.as_bytes(), client.key.as_bytes()));
+        let tls = NbdClientTls::from_pem(ca_pem, identity, name).unwrap();
+        let client_ca = client_auth.then_some(ca_pem);
+        let config = r3map_net::server_tls(server.cert.as_bytes(), server.key.as_bytes(), client_ca).unwrap();
+        (tls, config)
+    }
+
+    /// What a scripted TLS server saw: the plaintext before TLS, and what came inside TLS.
+    #[derive(Debug, Default)]
+    struct Seen {
+        plain: Vec<u8>,
+        inside: Vec<u8>,
+    }
+
+    /// Runs `negotiate` with `tls` against a server that greets with fixed newstyle, reads the
+    /// client flags and `NBD_OPT_STARTTLS`, acknowledges it, accepts TLS with `config` and sends
+    /// `script` inside it.
+    fn run_tls(
+        tls: &NbdClientTls,
+        config: Arc<rustls::ServerConfig>,
+        script: &[u8],
+    ) -> (Result<Negotiated>, Seen) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (client, mut server) = tokio::io::duplex(1 << 20);
+            let script = script.to_vec();
+            let server = tokio::spawn(async move {
+                let mut seen = Seen::default();
+                server.write_all(&newstyle()).await.unwrap();
+                let mut start = [0u8; 4 + 16];
+                server.read_exact(&mut start).await.unwrap();
+                seen.plain.extend_from_slice(&start);
+                server.write_all(&encode_option_reply(opt::STARTTLS, rep::ACK, &[])).await.unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let Ok(mut stream) = acceptor.accept(server).await else {
+                    return seen;
+                };
+                stream.write_all(&script).await.unwrap();
+                stream.flush().await.unwrap();
+                let _ = stream.read_to_end(&mut seen.inside).await;
+                seen
+            });
+            let result = negotiate(Box::new(client), "disk", Some(tls)).await.map(|(io, n)| {
+                drop(io);
+                n
+            });
+            (result, server.await.unwrap())
+        })
+    }
+
+    fn negotiation_script() -> Vec<u8> {
+        let mut s = encode_option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]);
+        s.extend(meta(2, "base:allocation"));
+        s.extend(encode_option_reply(opt::SET_META_CONTEXT, rep::ACK, &[]));
+        s.extend(go_ok(1 << 20, FLAGS, None));
+        s
+    }
+
+    #[test]
+    fn starttls_comes_first_and_negotiation_continues_inside_tls() {
+        let (tls, config) = pki("localhost", false, false);
+        let (r, seen) = run_tls(&tls, config, &negotiation_script());
+        let n = r.unwrap();
+        assert_eq!((n.info.size, n.context), (1 << 20, Some(2)));
+        assert!(n.info.structured_replies && n.info.block_status);
+        assert_eq!(&seen.plain[..4], &(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes());
+        let header = OptionHeader::decode(&seen.plain[4..20]).unwrap();
+        assert_eq!(header, OptionHeader { option: opt::STARTTLS, len: 0 });
+        // The other options went inside TLS, starting over.
+        let header = OptionHeader::decode(&seen.inside[..16]).unwrap();
+        assert_eq!(header, OptionHeader { option: opt::STRUCTURED_REPLY, len: 0 });
+        assert!(seen.inside.windows(4).any(|w| w == b"disk"), "the export is named inside TLS");
+    }
+
+    #[test]
+    fn tls_failures_are_permanent_and_name_the_cause() {
+        // A certificate for another name.
+        let (tls, config) = pki("disk.example", false, false);
+        let e = run_tls(&tls, config, &[]).0.unwrap_err();
+        assert!(e.permanent);
+        assert_eq!(e.error.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.error.to_string().contains("not valid for the name 'disk.example'"), "{}", e.error);
+        // A certificate from another CA.
+        let (_, config) = pki("localhost", false, false);
+        let (tls, _) = pki("localhost", false, false);
+        let e = run_tls(&tls, config, &[]).0.unwrap_err();
+        assert!(e.permanent);
+        assert!(e.error.to_string().contains("not signed by the CA this client trusts"), "{}", e.error);
+        // A server that wants a client certificate refuses once the client's side is done.
+        let (tls, config) = pki("localhost", false, true);
+        let e = run_tls(&tls, config, &negotiation_script()).0.unwrap_err();
+        assert!(e.permanent);
+        assert_eq!(e.error.kind(), io::ErrorKind::PermissionDenied);
+        let text = e.error.to_string();
+        assert!(
+            text.contains("CertificateRequired") && text.contains("may require a client certificate"),
+            "{text}"
+        );
+        // With one, it is served.
+        let (tls, config) = pki("localhost", true, true);
+        assert!(tls.has_client_certificate());
+        assert_eq!(run_tls(&tls, config, &negotiation_script()).0.unwrap().info.size, 1 << 20);
+    }
+
+    #[test]
+    fn a_server_that_still_wants_tls_inside_tls_breaks_the_protocol() {
+        let (tls, config) = pki("localhost", false, false);
+        let script = encode_option_reply(opt::STRUCTURED_REPLY, rep::ERR_TLS_REQD, &[]);
+        let e = run_tls(&tls, config, &script).0.unwrap_err();
+        assert_eq!(e.error.kind(), io::ErrorKind::InvalidData);
+        assert!(e.error.to_string().contains("still requires TLS"), "{}", e.error);
+    }
+
+    /// Runs `negotiate` with TLS against a scripted plaintext server.
+    fn run_refused_tls(script: &[u8]) -> (Result<Negotiated>, Vec<u8>) {
+        let (tls, _) = pki("localhost", false, false);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (client, mut server) = tokio::io::duplex(1 << 20);
+            server.write_all(script).await.unwrap();
+            server.shutdown().await.unwrap();
+            let result = negotiate(Box::new(client), "", Some(&tls)).await.map(|(_, n)| n);
+            let mut sent = Vec::new();
+            server.read_to_end(&mut sent).await.unwrap();
+            (result, sent)
+        })
+    }
+
+    #[test]
+    fn tls_never_falls_back_to_plaintext() {
+        for (reply, said) in [(rep::ERR_POLICY, &b"no TLS here"[..]), (rep::ERR_UNSUP, b"")] {
+            let mut s = newstyle();
+            s.extend(encode_option_reply(opt::STARTTLS, reply, said));
+            s.extend(go_ok(4096, FLAGS, None));
+            let (r, sent) = run_refused_tls(&s);
+            let e = r.unwrap_err();
+            assert!(e.permanent);
+            assert_eq!(e.error.kind(), io::ErrorKind::Unsupported);
+            let text = e.error.to_string();
+            assert!(text.contains("does not start TLS") && text.contains(&reply_name(reply)), "{text}");
+            assert!(text.contains("never falls back to plaintext"), "{text}");
+            assert!(said.is_empty() || text.contains("no TLS here"), "{text}");
+            assert_eq!(sent.len(), 4 + 16, "nothing follows the refused NBD_OPT_STARTTLS");
+        }
+        // A server without fixed newstyle cannot start TLS: nothing is asked of it.
+        let (r, sent) = run_refused_tls(&greeting(handshake_flags::NO_ZEROES));
+        let e = r.unwrap_err();
+        assert_eq!(e.error.kind(), io::ErrorKind::Unsupported);
+        assert!(e.error.to_string().contains("fixed newstyle"), "{}", e.error);
+        assert_eq!(sent, client_flags::NO_ZEROES.to_be_bytes());
+        // A server shutting down may be asked again later.
+        let mut s = newstyle();
+        s.extend(encode_option_reply(opt::STARTTLS, rep::ERR_SHUTDOWN, &[]));
+        assert!(!run_refused_tls(&s).0.unwrap_err().permanent);
+        // A server that hangs up instead of answering.
+        let e = run_refused_tls(&newstyle()).0.unwrap_err();
+        assert!(!e.permanent);
+        assert_eq!(e.error.kind(), io::ErrorKind::ConnectionAborted);
+        // An answer that is neither.
+        let mut s = newstyle();
+        s.extend(encode_option_reply(opt::STARTTLS, rep::SERVER, &[]));
+        let e = run_refused_tls(&s).0.unwrap_err();
+        assert!(e.error.to_string().contains("unexpected reply type 2 to NBD_OPT_STARTTLS"), "{}", e.error);
+    }
+
+    #[test]
+    fn broken_tls_connections_are_explained() {
+        let (tls, _) = pki("localhost", false, false);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let e = tls_failure(&reset, &tls);
+        assert!(!e.permanent);
+        assert!(e.error.to_string().contains("may require a client certificate"), "{}", e.error);
+        let e = after_tls(HandshakeError::from(io::Error::from(io::ErrorKind::UnexpectedEof)), &tls);
+        assert!(!e.permanent);
+        assert_eq!(e.error.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(e.error.to_string().contains("right after TLS started"), "{}", e.error);
+        let alert = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::DecodeError),
+        );
+        let e = after_tls(HandshakeError::from(alert), &tls);
+        assert!(e.permanent);
+        assert!(e.error.to_string().contains("alert DecodeError"), "{}", e.error);
+        let (with_cert, _) = pki("localhost", true, false);
+        let e = tls_failure(&io::Error::from(io::ErrorKind::BrokenPipe), &with_cert);
+        assert!(e.error.to_string().contains("may not trust this client's certificate"), "{}", e.error);
+        let other = io::Error::from(io::ErrorKind::TimedOut);
+        assert_eq!(after_tls(HandshakeError::from(other), &tls).error.kind(), io::ErrorKind::TimedOut);
     }
 
     #[test]

@@ -21,8 +21,19 @@
 //! with `InvalidData`; nothing it sends makes the client panic or wait forever.
 //!
 //! # What it does
-//! - URIs `nbd://HOST[:PORT]/[EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`
+//! - URIs `nbd://HOST[:PORT]/[EXPORT]` and `nbd+unix:///[EXPORT]?socket=PATH`, and with TLS
+//!   `nbds://HOST[:PORT]/[EXPORT]` and `nbds+unix:///[EXPORT]?socket=PATH`
 //!   ([`NbdClientOptions::from_url`]), with `connections=N` and `timeout=SECONDS`.
+//! - TLS 1.3 (rustls) with `NBD_OPT_STARTTLS`, right after the greeting, on every connection and
+//!   every reconnection ([`NbdClientOptions::tls`], [`NbdClientTls`]). The server's certificate
+//!   is always verified against a CA given with the URI (`tls-certificates=DIR` holding
+//!   `ca-cert.pem`, as libnbd reads it, or `ca=PATH`), for the URI's host or `tls-hostname=NAME`;
+//!   a client certificate (`client-cert.pem` and `client-key.pem` in that directory, or
+//!   `cert=PATH` and `key=PATH`) is presented to servers that ask for one. An `nbds` URI never
+//!   falls back to plaintext: a server that does not start TLS is an error. A failed TLS handshake
+//!   (an untrusted or misnamed certificate, a server refusing the client's certificate) is an
+//!   error naming the cause. A server that requires TLS from an `nbd://` URI gets an error saying
+//!   to use `nbds://`.
 //! - Fixed newstyle negotiation (and plain newstyle servers), `NO_ZEROES` when offered,
 //!   structured replies, the `base:allocation` metadata context, `NBD_OPT_GO` with
 //!   `NBD_INFO_BLOCK_SIZE`, and `NBD_OPT_EXPORT_NAME` for servers without `NBD_OPT_GO`.
@@ -43,8 +54,10 @@
 //! `NBD_STATE_ZERO`).
 //!
 //! # What it does not do yet
-//! - TLS (`nbds://`, `nbds+unix://`, `NBD_OPT_STARTTLS`): such URIs and servers that require TLS
-//!   get an error saying so. The handshake marks where `NBD_OPT_STARTTLS` goes.
+//! - TLS with pre-shared keys (`tls-type=psk`, `tls-psk-file`), anonymous TLS, certificate
+//!   revocation lists (`ca-crl.pem`), the system's trusted roots, TLS 1.2, and opportunistic TLS on
+//!   `nbd://` URIs; `tls-verify-peer=false` is refused, since the server's certificate is always
+//!   verified.
 //! - Extended headers (64-bit lengths), `NBD_CMD_FLAG_FUA`, `NBD_CMD_FLAG_DF`, fast zeroes,
 //!   `NBD_CMD_RESIZE`, other metadata contexts, the old-style handshake, vsock.
 
@@ -62,7 +75,7 @@ use r3map_core::{Aligned, Backend, Capabilities, Extent, check_range};
 
 pub use connection::fuzz_session;
 pub use handshake::{MAX_PAYLOAD, NbdExportInfo};
-pub use options::{DEFAULT_PORT, NbdAddress, NbdClientOptions};
+pub use options::{DEFAULT_PORT, NbdAddress, NbdClientOptions, NbdClientTls};
 
 use transport::Transport;
 
@@ -79,6 +92,7 @@ impl fmt::Debug for NbdBackend {
             .field("address", self.transport.address())
             .field("info", &self.transport.info())
             .field("connections", &self.transport.connections())
+            .field("tls", &self.transport.tls())
             .field("aligned", &self.aligned.is_some())
             .finish()
     }
@@ -88,7 +102,8 @@ impl NbdBackend {
     /// Connects to the export an NBD URI names (see [`NbdClientOptions::from_url`]).
     ///
     /// # Errors
-    /// A bad URI (`InvalidInput`), a TLS URI (`Unsupported`), or as [`NbdBackend::connect`].
+    /// A bad URI (`InvalidInput`), TLS this client does not do (`Unsupported`), unreadable
+    /// certificate files, or as [`NbdBackend::connect`].
     pub fn open(url: &str) -> io::Result<Self> {
         let (address, options) = NbdClientOptions::from_url(url)?;
         Self::connect(address, options)
@@ -99,8 +114,10 @@ impl NbdBackend {
     ///
     /// # Errors
     /// An unreachable server; one that is not an NBD server or breaks the protocol
-    /// (`InvalidData`); an unknown export (`NotFound`); a server that needs TLS or speaks the
-    /// old-style handshake (`Unsupported`); a handshake slower than
+    /// (`InvalidData`); an unknown export (`NotFound`); a server that needs TLS the options do not
+    /// have, does not start TLS the options require, or speaks the old-style handshake
+    /// (`Unsupported`); a failed TLS handshake (`PermissionDenied`: an untrusted or misnamed
+    /// server certificate, a client certificate missing or refused); a handshake slower than
     /// [`NbdClientOptions::connect_timeout`] (`TimedOut`).
     pub fn connect(address: NbdAddress, options: NbdClientOptions) -> io::Result<Self> {
         let transport = Arc::new(Transport::connect(address, options)?);
@@ -135,6 +152,12 @@ impl NbdBackend {
     #[must_use]
     pub fn connections(&self) -> usize {
         self.transport.connections()
+    }
+
+    /// Whether the connections run inside TLS.
+    #[must_use]
+    pub fn tls(&self) -> bool {
+        self.transport.tls()
     }
 
     /// Tells the server that `off..off + len` will be read soon (`NBD_CMD_CACHE`, over the range

@@ -48,6 +48,7 @@ impl fmt::Debug for Transport {
             .field("export", &self.target.export)
             .field("info", &self.info)
             .field("connections", &self.conns.len())
+            .field("tls", &self.target.tls.is_some())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -126,6 +127,7 @@ impl Transport {
             export: options.export,
             connect_timeout: options.connect_timeout,
             max_backoff: options.max_backoff,
+            tls: options.tls,
         });
         let connected = match open_connections(&runtime, &target, options.connections) {
             Ok(connected) => connected,
@@ -174,6 +176,10 @@ impl Transport {
 
     pub(crate) fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    pub(crate) fn tls(&self) -> bool {
+        self.target.tls.is_some()
     }
 
     pub(crate) fn read_only(&self) -> bool {
