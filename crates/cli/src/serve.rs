@@ -112,6 +112,11 @@ pub struct NbdArgs {
     /// up to 32 MiB]
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub nbd_max_block: Option<u64>,
+    /// Requests one NBD connection runs at once, each on its own thread (started as needed).
+    /// Raise it for a backend with a long latency per call (a remote): a connection moves at most
+    /// this many requests per round trip [default: 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub nbd_threads: Option<u16>,
 }
 
 impl NbdArgs {
@@ -433,7 +438,9 @@ async fn serve(
             block_sizes,
             ..NbdExport::new(config.export.clone(), Arc::clone(&export.backend))
         };
-        let mut nbd = NbdServer::new(vec![nbd_export]).context("cannot set up the NBD server")?;
+        let mut nbd = NbdServer::new(vec![nbd_export])
+            .context("cannot set up the NBD server")?
+            .with_threads(config.nbd.nbd_threads.map_or(r3map_nbd::DEFAULT_THREADS, usize::from));
         if let ServerSecurity::Tls(tls) = &security.server {
             nbd = nbd.with_tls(NbdTls { config: Arc::clone(tls), mode: TlsMode::Require });
         }

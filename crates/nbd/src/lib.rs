@@ -19,8 +19,11 @@
 //!   when the export has [`ChunkStates`], and answers once it is local), `BLOCK_STATUS` and
 //!   `DISC`. Exports are announced with `CAN_MULTI_CONN`, since a flush goes to the shared
 //!   backend and covers every connection's writes.
-//! - Requests on one connection run concurrently on tokio's blocking pool and are answered in
-//!   the order they complete, through one writer per connection.
+//! - Requests on one connection run concurrently and are answered in the order they complete. On
+//!   plaintext TCP and Unix sockets each connection has up to [`DEFAULT_THREADS`] threads (see
+//!   [`NbdServer::with_threads`]) that each read a request, run it and write its reply, as
+//!   nbdkit does, with no hand-over between threads; TLS connections run each request on tokio's
+//!   blocking pool and answer through one writer task.
 //! - Structured replies when negotiated: reads are sent as `OFFSET_DATA` and `OFFSET_HOLE`
 //!   chunks where the backend reports holes of 4 KiB or more (one data chunk with `DF`); errors
 //!   as `ERROR` chunks carrying a message.
@@ -50,7 +53,10 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod status;
+mod threaded;
 
 pub use client::{NbdAddress, NbdBackend, NbdClientOptions, NbdClientTls, NbdExportInfo};
-pub use server::{BlockSizes, ConfigError, ConnectionError, NbdExport, NbdServer, NbdTls, TlsMode};
+pub use server::{
+    BlockSizes, ConfigError, ConnectionError, DEFAULT_THREADS, NbdExport, NbdServer, NbdTls, TlsMode,
+};
 pub use status::ChunkStates;

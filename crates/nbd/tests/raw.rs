@@ -541,3 +541,30 @@ fn a_server_that_requires_tls_refuses_plaintext_options() {
     send_option(&mut s, opt::STARTTLS, &[]);
     assert_eq!(option_reply(&mut s).0.reply, rep::ERR_POLICY);
 }
+
+#[test]
+fn shutdown_answers_the_requests_in_flight_then_closes() {
+    use r3map_core::Delay;
+    let slow = std::sync::Arc::new(Delay::new(memory(SIZE), Duration::from_secs(1)));
+    slow.write_at(&[6u8; 512], 4096).unwrap();
+    let server = Running::tcp(vec![export("disk", slow)]);
+    let mut s = connect(server.port);
+    go(&mut s, "disk", false);
+    for cookie in 1..=4 {
+        request(&mut s, Command::Read, cookie, 4096, 512, 0);
+    }
+    // Let the server read them (each takes a second to answer), then stop it while they run.
+    std::thread::sleep(Duration::from_millis(300));
+    let stopper = std::thread::spawn(move || server.stop());
+    let mut cookies = Vec::new();
+    for _ in 0..4 {
+        let reply = simple(&mut s);
+        assert_eq!(reply.error, 0);
+        assert_eq!(read_n(&mut s, 512), vec![6u8; 512]);
+        cookies.push(reply.cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [1, 2, 3, 4]);
+    assert!(closed(&mut s));
+    stopper.join().unwrap().expect("final flush");
+}
