@@ -6,7 +6,7 @@
 //! 4 KiB read (p50 and p90). Every row shows our figure, nbdkit's and the ratio ours / nbdkit.
 //!
 //! `cargo bench -p r3map-nbd --bench nbd` for the full run (1 GiB exports, a 256 MiB fio working
-//! set, a little over a minute); add `-- --quick` for a smoke run with 64 MiB (about 12 s).
+//! set, about two minutes); add `-- --quick` for a smoke run with 64 MiB (about 12 s).
 //! The baseline needs `nbdkit` (its memory plugin), the clients `nbdcopy` (libnbd) and `fio` built
 //! with its `nbd` engine (`apt-get install nbdkit libnbd-bin fio`). Rows whose tool is missing say
 //! so and the rest runs. Both exports are filled with the same random data first (with `nbdcopy`
@@ -46,7 +46,7 @@ struct Config {
     quick: bool,
     /// Size of both exports, all of it filled and read by `nbdcopy`.
     size: u64,
-    /// `nbdcopy` figures are the best of this many runs.
+    /// `nbdcopy` and fio figures are the best of this many runs, alternating between the servers.
     runs: usize,
     /// fio's working set (`--size`), the start of the export.
     fio_size: u64,
@@ -578,8 +578,8 @@ fn measure(transport: Transport, data: &[u8], file: &Path, cfg: &Config) -> Resu
     let latency = [(pct(&ours, 0.5), pct(&kit, 0.5)), (pct(&ours, 0.9), pct(&kit, 0.9))];
     let (read_iops, write_iops) = if have("fio") {
         (
-            pair.best(1, |ep| fio(ep, Workload::RandRead, cfg)),
-            pair.best(1, |ep| fio(ep, Workload::RandWrite, cfg)),
+            pair.best(cfg.runs, |ep| fio(ep, Workload::RandRead, cfg)),
+            pair.best(cfg.runs, |ep| fio(ep, Workload::RandWrite, cfg)),
         )
     } else {
         (skipped("fio"), skipped("fio"))
@@ -634,7 +634,7 @@ fn main() {
             samples: 50,
         }
     } else {
-        Config { quick, size: GIB, runs: 3, fio_size: 256 * MIB, fio_runtime: 5, fio_ramp: 1, samples: 500 }
+        Config { quick, size: GIB, runs: 3, fio_size: 256 * MIB, fio_runtime: 3, fio_ramp: 1, samples: 500 }
     };
     let started = Instant::now();
     println!("# r3map NBD server benchmark{}\n", if cfg.quick { " (quick smoke run)" } else { "" });
@@ -684,7 +684,7 @@ fn main() {
     }
 
     println!(
-        "\n## Random 4 KiB I/O: fio `--ioengine=nbd --bs=4k --iodepth=32`, {} MiB working set, {} s{}\n",
+        "\n## Random 4 KiB I/O: fio `--ioengine=nbd --bs=4k --iodepth=32`, {} MiB working set, {} s{}{runs}\n",
         cfg.fio_size / MIB,
         cfg.fio_runtime,
         if cfg.fio_ramp > 0 { format!(" after {} s of ramp", cfg.fio_ramp) } else { String::new() }
