@@ -807,3 +807,42 @@ fn nbd_over_tls_with_certificates_from_r3map_certs() {
     let out = run("nbdinfo", &[&format!("nbd://localhost:{port}/default")]);
     assert!(!out.status.success(), "plaintext must be refused");
 }
+
+/// An export of `r3map serve --nbd-unix`, mounted lazily through an `nbd+unix://` URL: data
+/// written by an NBD client is read through the mount, and what is written through the mount is
+/// pushed back to the NBD server when the mount stops.
+#[test]
+fn an_nbd_export_is_mounted_through_its_url() {
+    if !r3map_fuse::can_mount() {
+        eprintln!("skipped: needs root and /dev/fuse");
+        return;
+    }
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let _server =
+        Proc::start(R3MAP, &["serve", "memory:16MiB", "--nbd-unix", sock.to_str().unwrap()], dir.path(), &[]);
+    let url = format!("nbd+unix:///default?socket={}", sock.display());
+    let out = run("qemu-io", &["-f", "raw", &url, "-c", "write -P 0x5a 1M 1M"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut mount = Proc::start(R3MAP, &["mount", &url, mnt.to_str().unwrap(), "--managed"], dir.path(), &[]);
+    assert!(mount.ready.contains("NBD server unix:"), "{}", mount.ready);
+    let file = fs::OpenOptions::new().read(true).write(true).open(mnt.join("r3map")).unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 1 << 20).unwrap();
+    assert!(back.iter().all(|&b| b == 0x5a), "the mount reads what the NBD client wrote");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x77; 4096], 4 << 20).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    mount.interrupt();
+    assert!(mount.wait(Duration::from_secs(60)).success(), "{}", mount.stderr());
+
+    let out = run("qemu-io", &["-f", "raw", &url, "-c", "read -P 0x77 4M 4k", "-c", "read -P 0x5a 1M 1M"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("fail"), "{text}");
+}
