@@ -26,6 +26,16 @@ pub trait Seeder: Send + Sync {
     /// A failed flush or suspension; nothing is cleared then.
     fn sync(&self) -> io::Result<Vec<Chunk>>;
 
+    /// Returns the chunks written since [`track`](Seeder::track) or the previous call, in
+    /// ascending order, and keeps tracking, without suspending anything: a round of an iterative
+    /// pre-copy, so the final [`sync`](Seeder::sync) has less left to report.
+    ///
+    /// # Errors
+    /// `Unsupported` by default (a source that can only report once); what prevents it otherwise.
+    fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this seeder cannot report dirty chunks before sync"))
+    }
+
     /// The destination is done with the source.
     ///
     /// # Errors
@@ -49,6 +59,10 @@ impl<B: Backend> Seeder for Tracked<B> {
         self.flush()?;
         Ok(Tracked::sync(self))
     }
+
+    fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
+        Ok(Tracked::take_dirty(self))
+    }
 }
 
 #[cfg(test)]
@@ -61,6 +75,10 @@ mod tests {
         let t = Tracked::new(Memory::new(1 << 20), 4096).unwrap();
         let seeder: &dyn Seeder = &t;
         seeder.track().unwrap();
+        t.write_at(&[1], 5000).unwrap();
+        t.write_at(&[1], 0).unwrap();
+        assert_eq!(seeder.take_dirty().unwrap(), vec![Chunk(0), Chunk(1)]);
+        assert!(t.is_tracking(), "a round keeps tracking");
         t.write_at(&[1], 5000).unwrap();
         assert_eq!(seeder.sync().unwrap(), vec![Chunk(1)]);
         assert_eq!(seeder.chunk_size(), 4096);

@@ -509,6 +509,11 @@ impl Seeder for RemoteBackend {
         Ok(proto::decode_chunks(&payload)?.into_iter().map(Chunk).collect())
     }
 
+    fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
+        let payload = self.call(Op::Dirty, 0, 0)?;
+        Ok(proto::decode_chunks(&payload)?.into_iter().map(Chunk).collect())
+    }
+
     fn close(&self) -> io::Result<()> {
         self.call(Op::Close, 0, 0).map(drop)
     }
@@ -594,9 +599,10 @@ async fn connection(
             if r.header.op.is_repeatable() {
                 queue.push_front(r);
             } else {
+                let op = r.header.op.name();
                 r.fail(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
-                    "the connection dropped before the server answered a sync; its dirty set is lost",
+                    format!("the connection dropped before the server answered a {op}; its dirty set is lost"),
                 ));
             }
         }

@@ -79,6 +79,9 @@ pub enum Op {
     Close = 8,
     /// The client is going away; no reply.
     Disconnect = 9,
+    /// Seeder: return the chunks written since `Track` or the previous `Dirty` (u64 indices) and
+    /// keep tracking (a round of an iterative pre-copy).
+    Dirty = 10,
 }
 
 impl Op {
@@ -95,6 +98,7 @@ impl Op {
             7 => Self::Sync,
             8 => Self::Close,
             9 => Self::Disconnect,
+            10 => Self::Dirty,
             other => return Err(FrameError::UnknownOp(other)),
         })
     }
@@ -112,14 +116,15 @@ impl Op {
             Self::Sync => "sync",
             Self::Close => "close",
             Self::Disconnect => "disconnect",
+            Self::Dirty => "dirty",
         }
     }
 
     /// Whether a request may be sent again after its connection dropped without a reply: true for
-    /// everything but `Sync`, whose reply carries state the server has already cleared.
+    /// everything but `Sync` and `Dirty`, whose replies carry state the server has already cleared.
     #[must_use]
     pub fn is_repeatable(self) -> bool {
-        !matches!(self, Self::Sync)
+        !matches!(self, Self::Sync | Self::Dirty)
     }
 }
 
@@ -168,7 +173,7 @@ impl RequestHeader {
                     max: u64::from(max_request),
                 });
             }
-            Op::Flush | Op::Track | Op::Sync | Op::Close | Op::Disconnect if length != 0 => {
+            Op::Flush | Op::Track | Op::Sync | Op::Dirty | Op::Close | Op::Disconnect if length != 0 => {
                 return Err(FrameError::UnexpectedLength { op: op.name(), len: length });
             }
             _ => {}

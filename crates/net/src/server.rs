@@ -480,6 +480,10 @@ fn execute(export: &Export, pool: &BufPool, h: RequestHeader, payload: Vec<u8>) 
             let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
             (proto::encode_chunks(&ids), false)
         }),
+        Op::Dirty => seeder().and_then(|s| s.take_dirty()).map(|chunks| {
+            let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
+            (proto::encode_chunks(&ids), false)
+        }),
         Op::Close => seeder().and_then(|s| s.close()).map(|()| (Vec::new(), false)),
         Op::Disconnect => Ok((Vec::new(), false)),
     };

@@ -221,6 +221,10 @@ fn seeder_operations_cross_the_network() {
     let client = RemoteBackend::connect(tcp(&server), plain_options(None)).unwrap();
     assert_eq!(Seeder::chunk_size(&client), 4096);
     client.track().unwrap();
+    client.write_at(&[1u8; 10], 0).unwrap();
+    // A pre-copy round takes what was written so far and keeps tracking.
+    assert_eq!(client.take_dirty().unwrap(), vec![Chunk(0)]);
+    assert_eq!(client.take_dirty().unwrap(), vec![]);
     client.write_at(&[1u8; 5000], 4096 * 3).unwrap();
     assert_eq!(Seeder::sync(&client).unwrap(), vec![Chunk(3), Chunk(4)]);
     assert_eq!(Seeder::sync(&client).unwrap(), vec![]);

@@ -76,6 +76,15 @@ impl<B> Tracked<B> {
     #[must_use = "the dirty chunks are cleared; dropping them loses them"]
     pub fn sync(&self) -> Vec<Chunk> {
         self.tracking.store(false, Ordering::SeqCst);
+        self.take_dirty()
+    }
+
+    /// Returns the dirty chunks in ascending order and clears them, leaving tracking as it is:
+    /// one round of an iterative pre-copy, which re-sends what was written since the last round.
+    ///
+    /// Writes completing concurrently are either returned or left marked for the next round.
+    #[must_use = "the dirty chunks are cleared; dropping them loses them"]
+    pub fn take_dirty(&self) -> Vec<Chunk> {
         let len = self.dirty.len();
         let mut out = Vec::new();
         let mut pos = 0;

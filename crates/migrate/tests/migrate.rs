@@ -1,0 +1,225 @@
+//! Migrations over the native protocol on loopback: a writer keeps changing the source during
+//! pre-copy, and the destination must end up equal to the source's final content; a source that
+//! dies before finalize; a chain A → B → C.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use r3map_core::pipeline::puller::PullerOptions;
+use r3map_core::{Backend, Memory, SharedBackend};
+use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions, Source, SourceHooks, SourcePhase};
+use r3map_net::client::Address;
+use r3map_net::{
+    ClientOptions, ClientSecurity, Export, RemoteBackend, Server, ServerConfig, ServerHandle, ServerSecurity,
+};
+
+const SIZE: u64 = 16 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+/// An application writing random 4 KiB blocks to its memory until it is suspended.
+struct Writer {
+    stopped: Arc<Mutex<bool>>,
+    writes: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(target: SharedBackend, seed: u64, hot: u64) -> Self {
+        let stopped = Arc::new(Mutex::new(false));
+        let writes = Arc::new(AtomicU64::new(0));
+        let (s, w) = (Arc::clone(&stopped), Arc::clone(&writes));
+        let thread = std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut block = vec![0u8; 4096];
+            loop {
+                let guard = s.lock().unwrap();
+                if *guard {
+                    return;
+                }
+                rng.fill(&mut block);
+                // Mostly a hot set of chunks, sometimes anywhere.
+                let span = if rng.u8(..) < 200 { hot } else { SIZE };
+                let off = rng.u64(..span / 4096) * 4096;
+                target.write_at(&block, off).unwrap();
+                drop(guard);
+                w.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        Self { stopped, writes, thread: Some(thread) }
+    }
+
+    /// The source's suspend hook: no write happens after it returns.
+    fn suspender(&self) -> impl Fn() -> io::Result<()> + Send + Sync + 'static {
+        let stopped = Arc::clone(&self.stopped);
+        move || {
+            *stopped.lock().unwrap() = true;
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        *self.stopped.lock().unwrap() = true;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn random_memory(seed: u64) -> Memory {
+    let m = Memory::with_page_size(SIZE, 64 * 1024).unwrap();
+    let mut data = vec![0u8; usize::try_from(SIZE).unwrap()];
+    fastrand::Rng::with_seed(seed).fill(&mut data);
+    m.write_at(&data, 0).unwrap();
+    m
+}
+
+fn serve<B: Backend + 'static>(source: Arc<Source<B>>) -> ServerHandle {
+    let export = Export::new("default", source.clone())
+        .with_seeder(source)
+        .with_chunk_size(u32::try_from(CHUNK).unwrap());
+    ServerHandle::start_tcp(
+        Server::new(ServerConfig::new(export, ServerSecurity::Plaintext)).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap()
+}
+
+fn connect(server: &ServerHandle, timeout: Duration) -> Arc<RemoteBackend> {
+    let address = Address::Tcp { host: "127.0.0.1".into(), port: server.local_addr().unwrap().port() };
+    let mut options = ClientOptions::new(ClientSecurity::Plaintext);
+    options.timeout = timeout;
+    Arc::new(RemoteBackend::connect(address, options).unwrap())
+}
+
+fn contents(b: &dyn Backend) -> Vec<u8> {
+    let mut buf = vec![0u8; usize::try_from(b.size()).unwrap()];
+    b.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+fn options() -> LeecherOptions {
+    LeecherOptions {
+        puller: PullerOptions { depth: 4, request_size: 1 << 20, ..PullerOptions::default() },
+        ..LeecherOptions::default()
+    }
+}
+
+#[test]
+fn a_resource_written_during_precopy_arrives_whole() {
+    let app_memory = Arc::new(random_memory(1));
+    // The hook needs the writer, the writer needs the source: build the source with a hook that
+    // reaches the writer through a slot.
+    let suspend: Arc<Mutex<Option<r3map_migrate::SourceHook>>> = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&suspend);
+    let hooks = SourceHooks {
+        before_sync: Some(Box::new(move || slot.lock().unwrap().as_ref().map_or(Ok(()), |f| f()))),
+        ..SourceHooks::default()
+    };
+    let writer_target = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, hooks).unwrap());
+    let server = serve(Arc::clone(&writer_target));
+    let writer = Writer::start(writer_target.clone(), 2, 1 << 20);
+    *suspend.lock().unwrap() = Some(Box::new(writer.suspender()));
+
+    let after_sync = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&after_sync);
+    let hooks = LeecherHooks {
+        on_after_sync: Some(Box::new(move |dirty| seen.store(dirty.len() as u64, Ordering::SeqCst))),
+        ..LeecherHooks::default()
+    };
+    let remote = connect(&server, Duration::from_secs(30));
+    let leecher = Leecher::open(remote, Arc::new(Memory::new(SIZE)), options(), hooks).unwrap();
+    assert!(leecher.backend().is_locked());
+    let rounds = leecher.precopy().unwrap();
+    assert!(writer.writes.load(Ordering::Relaxed) > 0, "the application wrote during pre-copy");
+    let finalized = leecher.finalize().unwrap();
+    assert_eq!(finalized.dirty.len() as u64, after_sync.load(Ordering::SeqCst));
+    assert!(
+        rounds.iter().any(|r| r.dirty > 0) && !finalized.dirty.is_empty(),
+        "chunks were dirtied during the rounds and before the final sync: {rounds:?}, {}",
+        finalized.dirty.len()
+    );
+    assert_eq!(writer_target.phase(), SourcePhase::Synced);
+    // Read at once, before the post-copy is done: nothing stale may come back.
+    let dest = leecher.backend();
+    assert!(!dest.is_locked());
+    let expected = contents(&*app_memory);
+    assert!(contents(&*dest) == expected, "the destination differs from the source (rounds: {rounds:?})");
+    leecher.wait().unwrap();
+    let local = leecher.close().unwrap();
+    assert_eq!(writer_target.phase(), SourcePhase::Closed);
+    assert!(contents(&*local) == expected);
+}
+
+#[test]
+fn a_source_that_dies_before_finalize_fails_the_destination_only() {
+    let app_memory = Arc::new(random_memory(3));
+    let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, SourceHooks::default()).unwrap());
+    let server = serve(Arc::clone(&source));
+    let writer = Writer::start(source.clone(), 4, SIZE);
+    let remote = connect(&server, Duration::from_secs(2));
+    // A slow pull, so the source goes away in the middle of it.
+    let slow = LeecherOptions {
+        puller: PullerOptions { depth: 1, request_size: CHUNK, max_attempts: 2, ..PullerOptions::default() },
+        ..LeecherOptions::default()
+    };
+    let leecher = Leecher::open(remote, Arc::new(Memory::new(SIZE)), slow, LeecherHooks::default()).unwrap();
+    server.shutdown().unwrap();
+    assert!(leecher.precopy().is_err() || leecher.finalize().is_err(), "the migration must fail");
+    assert!(leecher.backend().is_locked(), "the destination never went live");
+    // The application at the source goes on writing, and its source state was not touched.
+    let before = writer.writes.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(writer.writes.load(Ordering::Relaxed) > before);
+    assert_eq!(source.phase(), SourcePhase::Tracking);
+}
+
+#[test]
+fn a_chain_a_to_b_to_c() {
+    let a_memory = Arc::new(random_memory(5));
+    let a = Arc::new(Source::new(Arc::clone(&a_memory), CHUNK, SourceHooks::default()).unwrap());
+    let a_server = serve(Arc::clone(&a));
+    let b = Leecher::open(
+        connect(&a_server, Duration::from_secs(30)),
+        Arc::new(Memory::new(SIZE)),
+        options(),
+        LeecherHooks::default(),
+    )
+    .unwrap();
+    b.precopy().unwrap();
+    b.finalize().unwrap();
+    // The application runs at B now and writes there.
+    let b_view = b.backend();
+    b_view.write_at(&[0xbb; 4096], 8192).unwrap();
+    b.wait().unwrap();
+    let b_local = b.close().unwrap();
+    drop(b_view);
+    let mut expected = contents(&*a_memory);
+    expected[8192..8192 + 4096].fill(0xbb);
+    assert!(contents(&*b_local) == expected);
+
+    // B becomes the source of the next hop, on the same local backend.
+    let b_source = Arc::new(Source::new(b_local, CHUNK, SourceHooks::default()).unwrap());
+    let b_server = serve(Arc::clone(&b_source));
+    let c = Leecher::open(
+        connect(&b_server, Duration::from_secs(30)),
+        Arc::new(Memory::new(SIZE)),
+        options(),
+        LeecherHooks::default(),
+    )
+    .unwrap();
+    // The application at B writes while C copies.
+    b_source.write_at(&[0xcc; 10], SIZE - 10).unwrap();
+    c.precopy().unwrap();
+    c.finalize().unwrap();
+    c.wait().unwrap();
+    expected[usize::try_from(SIZE).unwrap() - 10..].fill(0xcc);
+    assert!(contents(&*c.backend()) == expected);
+    c.close().unwrap();
+    assert_eq!(b_source.phase(), SourcePhase::Closed);
+}
