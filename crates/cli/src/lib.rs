@@ -9,6 +9,7 @@
 //! - [`certs`]: `r3map certs`, a private CA and the certificates for mutual TLS.
 //! - [`mount`]: `r3map mount` and `r3map cleanup`.
 //! - [`map`]: `r3map map`, a backend mapped into the process as a userfaultfd region.
+//! - [`migrate`]: `r3map migrate seed` and `r3map migrate leech`, live migration.
 //! - [`demo`]: `r3map demo`, a managed mount of an embedded server, checked end to end.
 //! - [`units`]: sizes and durations on the command line.
 
@@ -16,6 +17,7 @@ pub mod backend_url;
 pub mod certs;
 pub mod demo;
 pub mod map;
+pub mod migrate;
 pub mod mount;
 pub mod serve;
 pub mod units;

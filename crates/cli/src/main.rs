@@ -1,7 +1,7 @@
 //! `r3map`: mount, serve and migrate remote memory.
 
 use clap::{Parser, Subcommand};
-use r3map_cli::{certs, demo, init_logging, map, mount, serve};
+use r3map_cli::{certs, demo, init_logging, map, migrate, mount, serve};
 
 /// Remote memory: mount any resource as local memory that is pulled lazily and in the background,
 /// pushed back in the background, and live-migrated between hosts.
@@ -55,6 +55,9 @@ enum Command {
     /// checks the backend; --hold keeps it mapped until SIGINT or SIGTERM. Needs root or access to
     /// /dev/userfaultfd.
     Map(Box<map::Args>),
+    /// Live-migrate a backend between hosts: `seed` at the source, `leech` at the destination.
+    #[command(subcommand)]
+    Migrate(migrate::Command),
     /// Clean up after a crashed `r3map mount`: detach its loop devices and unmount the stale FUSE
     /// mount ("Transport endpoint is not connected").
     Cleanup(mount::CleanupArgs),
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Certs(args) => certs::run(&args),
         Command::Mount(args) => mount::run(&args),
         Command::Map(args) => map::run(&args),
+        Command::Migrate(command) => migrate::run(&command),
         Command::Cleanup(args) => mount::cleanup(&args),
     }
 }

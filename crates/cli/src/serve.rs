@@ -20,8 +20,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
-use r3map_core::{Aligned, Backend as _, Chunked, SharedBackend, Tracked};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock, Weak};
+
+use r3map_core::{Aligned, Backend as _, Chunked, Seeder as _, SharedBackend};
 use r3map_grpc::{GrpcExport, GrpcSecurity, ServerTls, TlsIdentity};
+use r3map_migrate::{Source, SourceHooks};
 use r3map_nbd::{BlockSizes, NbdExport, NbdServer, NbdTls, TlsMode};
 use r3map_net::proto::MIN_MAX_REQUEST;
 use r3map_net::security::read_pem;
@@ -302,8 +306,20 @@ pub struct Config {
     pub chunk_size: u64,
     pub chunking: bool,
     pub seeder: bool,
+    /// What a migration source does beyond serving (`r3map migrate seed`).
+    pub migration: MigrationOptions,
     pub nbd: NbdArgs,
     pub common: CommonArgs,
+}
+
+/// A migration source's behaviour (with `seeder`).
+#[derive(Debug, Clone, Default)]
+pub struct MigrationOptions {
+    /// Stop serving (cleanly) once the destination closes the migration.
+    pub exit_when_closed: bool,
+    /// A demo application: once the destination starts tracking, write random data over this
+    /// share (0..=100) of the resource, until the destination's final sync suspends it.
+    pub invalidate_percent: Option<f64>,
 }
 
 impl Args {
@@ -323,6 +339,7 @@ impl Args {
             chunk_size: self.chunk_size,
             chunking: self.chunking,
             seeder: self.seeder,
+            migration: MigrationOptions::default(),
             nbd: self.nbd.clone(),
             common: self.common.clone(),
         }
@@ -430,7 +447,8 @@ async fn serve(
 
     let opened = open_backend()?;
     let description = opened.description.clone();
-    let (export, summary) = export(config, opened, chunk_size)?;
+    let migration_closed = Arc::new(tokio::sync::Notify::new());
+    let (export, summary) = export(config, opened, chunk_size, &migration_closed)?;
     let nbd_server = if config.nbd.any() {
         let nbd_export = NbdExport {
             read_only: export.read_only,
@@ -501,12 +519,16 @@ async fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        let first = next_signal(&mut sigint, &mut sigterm).await;
-        tracing::info!(
-            "{}: stopping: no new connections, finishing the requests in flight, then flushing \
-             (send it again to exit at once)",
-            first.0
-        );
+        tokio::select! {
+            first = next_signal(&mut sigint, &mut sigterm) => tracing::info!(
+                "{}: stopping: no new connections, finishing the requests in flight, then flushing \
+                 (send it again to exit at once)",
+                first.0
+            ),
+            () = migration_closed.notified() => tracing::info!(
+                "the migration is closed: stopping: finishing the requests in flight, then flushing"
+            ),
+        }
         let _ = stop_tx.send(true);
         let second = next_signal(&mut sigint, &mut sigterm).await;
         tracing::error!("{} again: exiting at once, without finishing requests or flushing", second.0);
@@ -560,7 +582,12 @@ async fn serve(
 }
 
 /// Wraps the backend as the flags say and describes the export.
-fn export(config: &Config, opened: Opened, chunk_size: u32) -> anyhow::Result<(Export, String)> {
+fn export(
+    config: &Config,
+    opened: Opened,
+    chunk_size: u32,
+    migration_closed: &Arc<tokio::sync::Notify>,
+) -> anyhow::Result<(Export, String)> {
     let cs = u64::from(chunk_size);
     let size = opened.backend.size();
     let mut backend: SharedBackend = opened.backend;
@@ -570,9 +597,9 @@ fn export(config: &Config, opened: Opened, chunk_size: u32) -> anyhow::Result<(E
         traits.push("server-side chunking".to_owned());
     }
     let mut export = if config.seeder {
-        let tracked = Arc::new(Tracked::new(backend, cs)?);
+        let source = migration_source(backend, cs, &config.migration, migration_closed)?;
         traits.push("migration source".to_owned());
-        Export::new(config.export.clone(), tracked.clone()).with_seeder(tracked)
+        Export::new(config.export.clone(), source.clone()).with_seeder(source)
     } else {
         Export::new(config.export.clone(), backend)
     };
@@ -591,6 +618,96 @@ fn export(config: &Config, opened: Opened, chunk_size: u32) -> anyhow::Result<(E
         traits.join(", ")
     );
     Ok((export, summary))
+}
+
+/// The export of a migration source, with the hooks `options` ask for.
+fn migration_source(
+    backend: SharedBackend,
+    chunk_size: u64,
+    options: &MigrationOptions,
+    closed: &Arc<tokio::sync::Notify>,
+) -> anyhow::Result<Arc<Source<SharedBackend>>> {
+    // The demo application writes through the source, so its writes are tracked; the hooks reach
+    // it (and the source) through slots filled once both exist.
+    let source_slot: Arc<OnceLock<Weak<Source<SharedBackend>>>> = Arc::new(OnceLock::new());
+    let app = Arc::new(Invalidator::default());
+    let mut hooks = SourceHooks::default();
+    if let Some(percent) = options.invalidate_percent {
+        let (slot, app_start) = (Arc::clone(&source_slot), Arc::clone(&app));
+        hooks.after_track = Some(Box::new(move || {
+            if let Some(source) = slot.get().and_then(Weak::upgrade) {
+                app_start.start(source, percent);
+            }
+            Ok(())
+        }));
+        let app_stop = Arc::clone(&app);
+        hooks.before_sync = Some(Box::new(move || {
+            app_stop.suspend();
+            Ok(())
+        }));
+    }
+    if options.exit_when_closed {
+        let closed = Arc::clone(closed);
+        hooks.before_close = Some(Box::new(move || {
+            closed.notify_one();
+            Ok(())
+        }));
+    }
+    let source = Arc::new(Source::new(backend, chunk_size, hooks)?);
+    let _ = source_slot.set(Arc::downgrade(&source));
+    Ok(source)
+}
+
+/// The demo application of `r3map migrate seed --invalidate`: random data written over a share
+/// of the resource while the destination copies it.
+#[derive(Default)]
+struct Invalidator {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<u64>>>,
+}
+
+impl Invalidator {
+    fn start(&self, source: Arc<Source<SharedBackend>>, percent: f64) {
+        let stop = Arc::clone(&self.stop);
+        let handle = std::thread::spawn(move || {
+            let size = source.size();
+            let chunk = source.chunk_size();
+            let chunks = size.div_ceil(chunk);
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+            let target = ((chunks as f64) * percent.clamp(0.0, 100.0) / 100.0).round() as u64;
+            let mut rng = fastrand::Rng::new();
+            let mut picked: Vec<u64> = (0..chunks).collect();
+            rng.shuffle(&mut picked);
+            let mut buf = vec![0u8; r3map_core::geometry::to_usize(chunk)];
+            let mut written = 0;
+            for &c in picked.iter().take(r3map_core::geometry::to_usize(target)) {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let off = c * chunk;
+                let n = r3map_core::geometry::to_usize(chunk.min(size - off));
+                rng.fill(&mut buf[..n]);
+                if let Err(e) = source.write_at(&buf[..n], off) {
+                    tracing::warn!(error = %e, "the demo application's write failed");
+                    break;
+                }
+                written += n as u64;
+            }
+            written
+        });
+        *self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+        tracing::info!(percent, "demo application: writing random data while the destination copies");
+    }
+
+    /// Stops the writes and waits for the one in progress (the source's suspend).
+    fn suspend(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let handle = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(h) = handle {
+            let written = h.join().unwrap_or(0);
+            tracing::info!(invalidated = %human(written), "demo application suspended");
+        }
+    }
 }
 
 fn warn_about(security: &Security, addr: SocketAddr) {

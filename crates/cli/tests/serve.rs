@@ -640,6 +640,11 @@ fn sigint_during_writes_to_a_mount_loses_no_fsynced_data() {
         if i == 20 {
             mount.interrupt();
         }
+        // A few writes race the shutdown; then the file is closed, as a program that got its
+        // error would, before the mount gives up waiting for it (and detaches lazily).
+        if i == 23 {
+            break;
+        }
     }
     drop(file);
     assert!(fsynced > 20, "the first 21 blocks were written and fsynced before the interrupt");

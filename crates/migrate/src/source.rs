@@ -13,6 +13,8 @@ pub type SourceHook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
 /// What the source does at the two moments only it can act on.
 #[derive(Default)]
 pub struct SourceHooks {
+    /// Called when a destination starts tracking, after tracking is on.
+    pub after_track: Option<SourceHook>,
     /// Called by the final `sync`, before the dirty set is taken: suspend the application and
     /// flush what it holds in memory, so that nothing is written after. An error fails the
     /// `sync` and leaves the dirty set as it was, so the destination may try again.
@@ -25,6 +27,7 @@ pub struct SourceHooks {
 impl fmt::Debug for SourceHooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SourceHooks")
+            .field("after_track", &self.after_track.is_some())
             .field("before_sync", &self.before_sync.is_some())
             .field("before_close", &self.before_close.is_some())
             .finish()
@@ -103,7 +106,11 @@ impl<B: Backend> Seeder for Source<B> {
         let mut phase = self.lock();
         self.tracked.track();
         *phase = SourcePhase::Tracking;
+        drop(phase);
         tracing::info!("migration: the destination started tracking");
+        if let Some(hook) = &self.hooks.after_track {
+            hook()?;
+        }
         Ok(())
     }
 
@@ -193,8 +200,12 @@ mod tests {
     #[test]
     fn phases_and_hooks() {
         let calls = Arc::new(AtomicUsize::new(0));
-        let (a, b) = (Arc::clone(&calls), Arc::clone(&calls));
+        let (a, b, t) = (Arc::clone(&calls), Arc::clone(&calls), Arc::clone(&calls));
         let hooks = SourceHooks {
+            after_track: Some(Box::new(move || {
+                t.fetch_add(100, Ordering::SeqCst);
+                Ok(())
+            })),
             before_sync: Some(Box::new(move || {
                 a.fetch_add(1, Ordering::SeqCst);
                 Ok(())
@@ -214,10 +225,10 @@ mod tests {
         assert_eq!(s.take_dirty().unwrap(), vec![Chunk(1)]);
         s.write_at(&[1], 0).unwrap();
         assert_eq!(s.sync().unwrap(), vec![Chunk(0)]);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 101);
         assert_eq!(s.phase(), SourcePhase::Synced);
         s.close().unwrap();
-        assert_eq!(calls.load(Ordering::SeqCst), 11);
+        assert_eq!(calls.load(Ordering::SeqCst), 111);
         assert_eq!(s.phase(), SourcePhase::Closed);
     }
 

@@ -602,7 +602,9 @@ async fn connection(
                 let op = r.header.op.name();
                 r.fail(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
-                    format!("the connection dropped before the server answered a {op}; its dirty set is lost"),
+                    format!(
+                        "the connection dropped before the server answered a {op}; its dirty set is lost"
+                    ),
                 ));
             }
         }

@@ -96,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         chunk_size: cli.chunk_size,
         chunking: cli.chunking,
         seeder: false,
+        migration: r3map_cli::serve::MigrationOptions::default(),
         nbd: r3map_cli::serve::NbdArgs::default(),
         common: cli.common.clone(),
     };

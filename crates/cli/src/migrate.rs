@@ -1,0 +1,209 @@
+//! `r3map migrate seed` and `r3map migrate leech`: live migration of a backend between hosts.
+//!
+//! `seed` serves a backend as a migration source (the native protocol with the seeder
+//! operations) and exits once a destination has finished with it. `leech` is the destination: it
+//! pulls the source into a local backend while the source keeps running, runs rounds of
+//! iterative pre-copy, finalizes (the source suspends; the chunks it wrote last are queued first)
+//! and prints the downtime, then waits until everything is local and releases the source.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use r3map_core::Backend as _;
+use r3map_core::pipeline::puller::PullerOptions;
+use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions};
+use r3map_net::RemoteBackend;
+
+use crate::backend_url::{self, OpenOptions};
+use crate::serve;
+use crate::units::{human, parse_size};
+
+/// The two sides of a migration.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serve a backend as a migration source; exit once a destination has taken it over.
+    ///
+    /// The same flags as `r3map serve` (--seeder is implied). The destination connects with
+    /// `r3map migrate leech`. --invalidate runs a demo application that writes random data over
+    /// a share of the resource while the destination copies it.
+    Seed(Box<SeedArgs>),
+    /// Pull a migration source into a local backend, finalize, and take the resource over.
+    ///
+    /// Pre-copy: everything is pulled while the source keeps running, then rounds pull again what
+    /// the source wrote meanwhile until that stops shrinking. Finalize: the source suspends and
+    /// sends the chunks it wrote last; the local copy is usable from then on (the downtime is
+    /// printed) while those chunks arrive. When everything is local the source is released.
+    Leech(LeechArgs),
+}
+
+/// The flags of `r3map migrate seed`.
+#[derive(Debug, clap::Args)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub serve: serve::Args,
+    /// Demo: once the destination starts tracking, write random data over PERCENT of the
+    /// resource (whole chunks, in random order) until the destination finalizes.
+    #[arg(long, value_name = "PERCENT", value_parser = percent)]
+    pub invalidate: Option<f64>,
+}
+
+/// The flags of `r3map migrate leech`.
+#[derive(Debug, clap::Args)]
+pub struct LeechArgs {
+    /// The source: `r3map://HOST:PORT/EXPORT?ca=PATH[&token=T]`, `r3map+plain://HOST:PORT/EXPORT`
+    /// or `r3map+unix:///EXPORT?socket=PATH` of an `r3map migrate seed`.
+    #[arg(value_name = "SOURCE-URL")]
+    pub source: String,
+    /// Where the resource goes, of the source's size: `file:///PATH?size=SIZE`, `memory:SIZE`
+    /// (kept only while this runs), `dir:///PATH?size=SIZE`.
+    #[arg(value_name = "LOCAL-URL")]
+    pub local: String,
+    /// Finalize once this share of the resource has been pulled, without pre-copy rounds; at
+    /// 100 (the default) the rounds run first.
+    #[arg(long, value_name = "PERCENT", value_parser = percent, default_value = "100")]
+    pub finalize_at: f64,
+    /// Most rounds of iterative pre-copy.
+    #[arg(long, default_value = "8", value_name = "N")]
+    pub rounds: usize,
+    /// Pull requests in flight.
+    #[arg(long, default_value = "16", value_name = "N")]
+    pub pull_depth: usize,
+    /// Largest pull request.
+    #[arg(long, default_value = "4MiB", value_parser = parse_size, value_name = "SIZE")]
+    pub pull_request: u64,
+}
+
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim_end_matches('%').parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..=100.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not between 0 and 100")) }
+}
+
+/// Runs a migration command.
+///
+/// # Errors
+/// What made it fail, with context.
+pub fn run(command: &Command) -> anyhow::Result<()> {
+    match command {
+        Command::Seed(args) => seed(args),
+        Command::Leech(args) => leech(args),
+    }
+}
+
+fn seed(args: &SeedArgs) -> anyhow::Result<()> {
+    let mut config = args.serve.config();
+    config.seeder = true;
+    config.migration =
+        serve::MigrationOptions { exit_when_closed: true, invalidate_percent: args.invalidate };
+    let options = OpenOptions { read_only: args.serve.read_only, chunk_size: args.serve.chunk_size };
+    let url = args.serve.backend.clone();
+    serve::run(&config, move || backend_url::open(&url, &options))
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} {{pos}}/{{len}} chunks [{{bar:30}}] {{msg}}"
+        ))
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn leech(args: &LeechArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let remote = Arc::new(
+        RemoteBackend::open(&args.source)
+            .with_context(|| format!("cannot reach the source {}", args.source))?,
+    );
+    let size = remote.size();
+    let options = OpenOptions { read_only: false, chunk_size: r3map_core::Seeder::chunk_size(&*remote) };
+    let local = backend_url::open(&args.local, &options)?;
+    if local.backend.size() != size {
+        bail!(
+            "the local backend has {} bytes and the source {size}: give the source's size ({})",
+            local.backend.size(),
+            human(size)
+        );
+    }
+    let leecher_options = LeecherOptions {
+        puller: PullerOptions {
+            depth: args.pull_depth,
+            request_size: args.pull_request,
+            ..PullerOptions::default()
+        },
+        max_rounds: args.rounds,
+        ..LeecherOptions::default()
+    };
+    let leecher = Leecher::open(remote, Arc::clone(&local.backend), leecher_options, LeecherHooks::default())
+        .context("cannot start the migration")?;
+    let chunks = leecher.progress().chunks;
+    let pre = bar(chunks, "pre-copy: pulled");
+    let show = |bar: &ProgressBar| bar.set_position(leecher.progress().local_chunks);
+
+    let rounds = if args.finalize_at < 100.0 {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+        let goal = ((chunks as f64) * args.finalize_at / 100.0).ceil() as u64;
+        while leecher.progress().local_chunks < goal {
+            if let Some(failed) = leecher.progress().failed {
+                bail!("the pull from the source failed: {failed}");
+            }
+            show(&pre);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Vec::new()
+    } else {
+        std::thread::scope(|s| {
+            let rounds = s.spawn(|| leecher.precopy());
+            while !rounds.is_finished() {
+                show(&pre);
+                pre.set_message(format!("remaining {}", chunks - leecher.progress().local_chunks));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            rounds.join().expect("the pre-copy thread does not panic")
+        })
+        .context("the pre-copy failed; the source is unaffected")?
+    };
+    show(&pre);
+    pre.finish_and_clear();
+    let rounds_text: Vec<String> = rounds.iter().map(|r| r.dirty.to_string()).collect();
+    let finalized = leecher.finalize().context("the final sync failed; the migration did not happen")?;
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "finalized: {} chunks written at the source since the last round (pre-copy rounds: [{}]); downtime {:.1} ms",
+        finalized.dirty.len(),
+        rounds_text.join(", "),
+        finalized.downtime.as_secs_f64() * 1e3
+    );
+
+    let post = bar(chunks, "post-copy: local");
+    std::thread::scope(|s| {
+        let done = s.spawn(|| leecher.wait());
+        while !done.is_finished() {
+            show(&post);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done.join().expect("the wait does not panic")
+    })
+    .context("the post-copy failed")?;
+    post.finish_and_clear();
+    let pulled = leecher.progress().pulled_bytes;
+    let local_backend = leecher.close().context("cannot release the source")?;
+    local_backend.flush().context("cannot flush the local backend")?;
+    #[allow(clippy::cast_precision_loss)]
+    let ratio = pulled as f64 / size.max(1) as f64;
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "migrated {} from {} to {} in {:.2} s: {} pulled ({ratio:.2} × the size)",
+        human(size),
+        args.source.split('?').next().unwrap_or(&args.source),
+        local.description,
+        started.elapsed().as_secs_f64(),
+        human(pulled),
+    );
+    Ok(())
+}
