@@ -21,8 +21,8 @@
 //! - A source whose destination gives up before finalize is unaffected; `close` without a
 //!   successful `sync` changes nothing at the source.
 //!
-//! Not yet: mounts and userfaultfd regions as the source or destination, reconnection of the
-//! final `sync` (its reply lost means the migration failed), the CLI and the benchmark.
+//! Not yet: mounts and userfaultfd regions as the source or destination, and reconnection of the
+//! final `sync` (its reply lost means the migration failed). The CLI is `r3map migrate`.
 
 mod leecher;
 mod source;
