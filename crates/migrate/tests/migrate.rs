@@ -223,3 +223,161 @@ fn a_chain_a_to_b_to_c() {
     c.close().unwrap();
     assert_eq!(b_source.phase(), SourcePhase::Closed);
 }
+
+/// A TCP proxy whose connections can be cut, to break the link between the two hosts.
+struct Proxy {
+    port: u16,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&conns);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(upstream) else { continue };
+                let mut list = kept.lock().unwrap();
+                list.push(client.try_clone().unwrap());
+                list.push(server.try_clone().unwrap());
+                drop(list);
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, conns }
+    }
+
+    /// Breaks every connection through the proxy; new ones are still accepted.
+    fn cut(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_link_dropped_during_postcopy_is_reconnected() {
+    use r3map_core::Delay;
+    let app_memory = Arc::new(random_memory(7));
+    // Every read at the source takes 10 ms, so the post-copy lasts long enough to cut it.
+    let slow = Delay::new(Arc::clone(&app_memory), Duration::from_millis(10));
+    let source = Arc::new(Source::new(slow, CHUNK, SourceHooks::default()).unwrap());
+    let server = serve(Arc::clone(&source));
+    let proxy = Proxy::start(server.local_addr().unwrap());
+    let address = Address::Tcp { host: "127.0.0.1".into(), port: proxy.port };
+    let remote =
+        Arc::new(RemoteBackend::connect(address, ClientOptions::new(ClientSecurity::Plaintext)).unwrap());
+    let options = LeecherOptions {
+        puller: PullerOptions { depth: 2, request_size: CHUNK, ..PullerOptions::default() },
+        ..LeecherOptions::default()
+    };
+    let leecher =
+        Leecher::open(remote, Arc::new(Memory::new(SIZE)), options, LeecherHooks::default()).unwrap();
+    // Finalize at once: almost everything arrives in the post-copy.
+    leecher.finalize().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = leecher.progress().local_chunks;
+    proxy.cut();
+    leecher.wait().unwrap();
+    assert!(before < leecher.progress().chunks, "the link was cut during the post-copy");
+    let expected = contents(&*app_memory);
+    assert!(contents(&*leecher.backend()) == expected);
+    leecher.close().unwrap();
+    assert_eq!(source.phase(), SourcePhase::Closed);
+}
+
+#[test]
+fn a_migration_over_tls_with_client_certificates() {
+    use r3map_net::certs::Authority;
+    let ca = Authority::new("migration CA").unwrap();
+    let server_pem = ca.server(&["localhost"]).unwrap();
+    let client_pem = ca.client("destination").unwrap();
+    let app_memory = Arc::new(random_memory(9));
+    let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, SourceHooks::default()).unwrap());
+    let writer = Writer::start(source.clone(), 10, 4 << 20);
+    let config = r3map_net::server_tls(
+        server_pem.cert.as_bytes(),
+        server_pem.key.as_bytes(),
+        Some(ca.pem().cert.as_bytes()),
+    )
+    .unwrap();
+    let export = Export::new("default", source.clone())
+        .with_seeder(source.clone())
+        .with_chunk_size(u32::try_from(CHUNK).unwrap());
+    let server = ServerHandle::start_tcp(
+        Server::new(ServerConfig::new(export, ServerSecurity::Tls(config))).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let tls = r3map_net::client_tls(
+        ca.pem().cert.as_bytes(),
+        Some((client_pem.cert.as_bytes(), client_pem.key.as_bytes())),
+    )
+    .unwrap();
+    let address = Address::Tcp { host: "localhost".into(), port: server.local_addr().unwrap().port() };
+    let remote = Arc::new(
+        RemoteBackend::connect(
+            address,
+            ClientOptions::new(ClientSecurity::Tls { config: tls, server_name: None }),
+        )
+        .unwrap(),
+    );
+    let hooks = LeecherHooks::default();
+    let leecher = Leecher::open(remote, Arc::new(Memory::new(SIZE)), options(), hooks).unwrap();
+    leecher.precopy().unwrap();
+    // The source's application stops (here by hand: this source has no suspend hook).
+    drop(writer);
+    leecher.finalize().unwrap();
+    assert!(contents(&*leecher.backend()) == contents(&*app_memory));
+    leecher.wait().unwrap();
+    leecher.close().unwrap();
+}
+
+#[test]
+fn a_source_lost_for_good_during_postcopy_is_reported() {
+    use r3map_core::Delay;
+    let app_memory = Arc::new(random_memory(11));
+    let slow = Delay::new(Arc::clone(&app_memory), Duration::from_millis(10));
+    let source = Arc::new(Source::new(slow, CHUNK, SourceHooks::default()).unwrap());
+    let server = serve(Arc::clone(&source));
+    let remote = connect(&server, Duration::from_secs(2));
+    let options = LeecherOptions {
+        puller: PullerOptions {
+            depth: 2,
+            request_size: CHUNK,
+            max_attempts: 2,
+            retry_backoff: Duration::from_millis(10),
+            ..PullerOptions::default()
+        },
+        ..LeecherOptions::default()
+    };
+    let leecher =
+        Leecher::open(remote, Arc::new(Memory::new(SIZE)), options, LeecherHooks::default()).unwrap();
+    leecher.finalize().unwrap();
+    server.shutdown().unwrap();
+    // The post-copy cannot finish: waiting reports it, reads of chunks that never arrived fail
+    // (never zeroes or stale data), and the migration cannot be closed as if it had succeeded.
+    assert!(leecher.wait().is_err());
+    let mut buf = vec![0u8; 4096];
+    let last = SIZE - 4096;
+    match leecher.backend().read_at(&mut buf, last) {
+        Ok(()) => {
+            let mut expected = vec![0u8; 4096];
+            app_memory.read_at(&mut expected, last).unwrap();
+            assert_eq!(buf, expected, "a chunk that did arrive is correct");
+        }
+        // Failing is right: the source is gone and the chunk never arrived.
+        Err(e) => assert_ne!(e.kind(), io::ErrorKind::InvalidInput, "{e}"),
+    }
+    assert!(leecher.close().is_err());
+}
