@@ -214,6 +214,20 @@ impl Tracker {
     /// epoch ends: its pages are cleared and tracking stops, in the same critical section as the
     /// scan, so a concurrent scan cannot slip a page in between.
     pub(crate) fn epoch_ranges(&self, finish: bool) -> io::Result<Vec<Range<u64>>> {
+        self.epoch(if finish { EpochEnd::Finish } else { EpochEnd::Keep })
+    }
+
+    /// The pages written since the epoch began or since the previous call, as byte ranges; they
+    /// are cleared and tracking goes on (a round of an iterative pre-copy). They are cleared in the
+    /// same critical section as the scan, so a page written meanwhile is in this round or the next.
+    pub(crate) fn epoch_take(&self) -> io::Result<Vec<Range<u64>>> {
+        if !self.is_tracking() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no tracking epoch is on"));
+        }
+        self.epoch(EpochEnd::Restart)
+    }
+
+    fn epoch(&self, end: EpochEnd) -> io::Result<Vec<Range<u64>>> {
         if self.mode == WriteTracking::Off {
             return Err(Self::unsupported());
         }
@@ -221,8 +235,10 @@ impl Tracker {
         self.scan_locked(&mut found)?;
         let pages = self.epoch.len();
         let runs: Vec<Range<u64>> = self.epoch.set_runs(0..pages, pages.max(1)).collect();
-        if finish {
-            self.tracking.store(false, Ordering::SeqCst);
+        if end != EpochEnd::Keep {
+            if end == EpochEnd::Finish {
+                self.tracking.store(false, Ordering::SeqCst);
+            }
             for r in &runs {
                 for p in r.clone() {
                     self.epoch.clear(p);
@@ -231,4 +247,15 @@ impl Tracker {
         }
         Ok(runs.into_iter().map(|r| r.start * self.page..(r.end * self.page).min(self.size)).collect())
     }
+}
+
+/// What reading an epoch's pages does to the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EpochEnd {
+    /// Nothing: the pages stay.
+    Keep,
+    /// The pages are cleared and tracking goes on.
+    Restart,
+    /// The pages are cleared and tracking stops.
+    Finish,
 }

@@ -657,7 +657,7 @@ impl Backend for Region {
 
 /// A region as the source of a migration: [`Seeder::track`] starts an epoch, [`Seeder::sync`]
 /// returns the chunks written since (by any path: pointer, kernel, [`Region::write`]) and ends
-/// it. (Not to be confused with [`Region::sync`], the write-back.)
+/// it, and [`Seeder::take_dirty`] returns those written since the previous round and goes on. (Not to be confused with [`Region::sync`], the write-back.)
 impl Seeder for Region {
     fn chunk_size(&self) -> u64 {
         self.core.synced.geometry().chunk_size()
@@ -669,6 +669,11 @@ impl Seeder for Region {
 
     fn sync(&self) -> io::Result<Vec<Chunk>> {
         let pages = self.core.tracker.epoch_ranges(true)?;
+        Ok(self.pages_to_chunks(&pages))
+    }
+
+    fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
+        let pages = self.core.tracker.epoch_take()?;
         Ok(self.pages_to_chunks(&pages))
     }
 }

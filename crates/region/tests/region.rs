@@ -252,7 +252,13 @@ fn a_region_is_a_seeder_and_a_backend() {
     let Some(region) = open(Arc::new(Memory::new(MIB)), on_demand()) else { return };
     let seeder: &dyn Seeder = &region;
     assert_eq!(seeder.chunk_size(), 64 * KIB);
+    assert!(seeder.take_dirty().is_err(), "no round without an epoch");
     seeder.track().unwrap();
+    region.write_u8(5 * KIB, 1).unwrap();
+    // A pre-copy round takes what was written so far, and the epoch goes on.
+    assert_eq!(seeder.take_dirty().unwrap(), vec![Chunk(0)]);
+    assert!(seeder.take_dirty().unwrap().is_empty());
+    assert!(region.is_tracking());
     region.write_u8(70 * KIB, 1).unwrap();
     region.write_at(&[2u8; 10], 200 * KIB).unwrap();
     assert_eq!(seeder.sync().unwrap(), vec![Chunk(1), Chunk(3)]);

@@ -1,0 +1,150 @@
+//! Frontends on either side of a migration (they need root: userfaultfd and FUSE; skipped
+//! otherwise): a userfaultfd region written through its memory is the source, and FUSE mounts
+//! carry the application's file at both ends.
+
+use std::os::unix::fs::FileExt as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use r3map_core::pipeline::puller::PullerOptions;
+use r3map_core::{Backend, Memory, SharedBackend};
+use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions, Source, SourceHooks};
+use r3map_mount::{Hooks, Mount, MountOptions};
+use r3map_net::client::Address;
+use r3map_net::{
+    ClientOptions, ClientSecurity, Export, RemoteBackend, Server, ServerConfig, ServerHandle, ServerSecurity,
+};
+use r3map_region::{Region, RegionError, RegionOptions};
+
+const SIZE: u64 = 8 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+fn random(seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; usize::try_from(SIZE).unwrap()];
+    fastrand::Rng::with_seed(seed).fill(&mut data);
+    data
+}
+
+fn serve(backend: SharedBackend, seeder: Arc<dyn r3map_core::Seeder>) -> ServerHandle {
+    let export =
+        Export::new("default", backend).with_seeder(seeder).with_chunk_size(u32::try_from(CHUNK).unwrap());
+    ServerHandle::start_tcp(
+        Server::new(ServerConfig::new(export, ServerSecurity::Plaintext)).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap()
+}
+
+fn leech(server: &ServerHandle) -> Leecher {
+    let address = Address::Tcp { host: "127.0.0.1".into(), port: server.local_addr().unwrap().port() };
+    let remote =
+        Arc::new(RemoteBackend::connect(address, ClientOptions::new(ClientSecurity::Plaintext)).unwrap());
+    let options = LeecherOptions {
+        puller: PullerOptions { depth: 4, request_size: 1 << 20, ..PullerOptions::default() },
+        ..LeecherOptions::default()
+    };
+    Leecher::open(remote, Arc::new(Memory::new(SIZE)), options, LeecherHooks::default()).unwrap()
+}
+
+fn contents(b: &dyn Backend) -> Vec<u8> {
+    let mut buf = vec![0u8; usize::try_from(b.size()).unwrap()];
+    b.read_at(&mut buf, 0).unwrap();
+    buf
+}
+
+#[test]
+fn a_region_written_through_memory_is_migrated() {
+    let remote = Arc::new(Memory::with_page_size(SIZE, CHUNK).unwrap());
+    remote.write_at(&random(1), 0).unwrap();
+    let options = RegionOptions { chunk_size: CHUNK, ..RegionOptions::default() };
+    let region = match Region::open(remote, options) {
+        Ok(r) => Arc::new(r),
+        Err(RegionError::Unavailable(e)) => return println!("skipped: {e}"),
+        Err(e) => panic!("{e}"),
+    };
+    region.wait_pulled().unwrap();
+    let server = serve(region.clone(), region.clone());
+    // The application writes through the mapping while the destination copies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (app_region, app_stop) = (Arc::clone(&region), Arc::clone(&stop));
+    let app = std::thread::spawn(move || {
+        let mut rng = fastrand::Rng::with_seed(2);
+        while !app_stop.load(Ordering::SeqCst) {
+            let off = rng.u64(..SIZE / 8) * 8;
+            app_region.write_u64(off, rng.u64(..)).unwrap();
+        }
+    });
+    let leecher = leech(&server);
+    let rounds = leecher.precopy().unwrap();
+    // Suspend the application, then take over.
+    stop.store(true, Ordering::SeqCst);
+    app.join().unwrap();
+    let finalized = leecher.finalize().unwrap();
+    let expected = contents(&*region);
+    assert!(contents(&*leecher.backend()) == expected, "rounds {rounds:?}, final {}", finalized.dirty.len());
+    leecher.wait().unwrap();
+    leecher.close().unwrap();
+}
+
+#[test]
+fn an_application_file_on_a_mount_moves_to_a_mount() {
+    if !r3map_fuse::can_mount() {
+        return println!("skipped: needs root and /dev/fuse");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mnt_a, mnt_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&mnt_a).unwrap();
+    std::fs::create_dir(&mnt_b).unwrap();
+
+    // The source: the application's file is a mount of a Source; its suspend hook flushes the
+    // application's writes out of the page cache and stops it.
+    let memory = Arc::new(Memory::new(SIZE));
+    memory.write_at(&random(3), 0).unwrap();
+    let app_file: Arc<Mutex<Option<std::fs::File>>> = Arc::new(Mutex::new(None));
+    let slot = Arc::clone(&app_file);
+    let hooks = SourceHooks {
+        before_sync: Some(Box::new(move || {
+            // Taking the file stops the application (it writes only while it holds it).
+            if let Some(file) = slot.lock().unwrap().take() {
+                file.sync_all()?;
+            }
+            Ok(())
+        })),
+        ..SourceHooks::default()
+    };
+    let source = Arc::new(Source::new(Arc::clone(&memory), CHUNK, hooks).unwrap());
+    let mount_a = Mount::direct(source.clone(), &mnt_a, &MountOptions::default(), Hooks::default()).unwrap();
+    *app_file.lock().unwrap() = Some(mount_a.open_file().unwrap());
+    let server = serve(source.clone(), source.clone());
+    let writer_file = Arc::clone(&app_file);
+    let app = std::thread::spawn(move || {
+        let mut rng = fastrand::Rng::with_seed(4);
+        let block = [0x5au8; 4096];
+        loop {
+            let guard = writer_file.lock().unwrap();
+            let Some(file) = guard.as_ref() else { return };
+            file.write_all_at(&block, rng.u64(..SIZE / 4096) * 4096).unwrap();
+            drop(guard);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+
+    // The destination: its mount serves the leecher's view, which blocks until finalize, so
+    // nothing stale can enter its page cache.
+    let leecher = leech(&server);
+    let mount_b =
+        Mount::direct(leecher.backend(), &mnt_b, &MountOptions::default(), Hooks::default()).unwrap();
+    leecher.precopy().unwrap();
+    leecher.finalize().unwrap();
+    app.join().unwrap();
+    let file_b = mount_b.open_file().unwrap();
+    let mut at_b = vec![0u8; usize::try_from(SIZE).unwrap()];
+    file_b.read_exact_at(&mut at_b, 0).unwrap();
+    assert!(at_b == contents(&*memory), "the destination's file differs from the source's");
+    drop(file_b);
+    leecher.wait().unwrap();
+    mount_b.close().unwrap();
+    mount_a.close().unwrap();
+    leecher.close().unwrap();
+}
