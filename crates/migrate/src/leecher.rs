@@ -88,7 +88,7 @@ pub struct Finalized {
 /// local yet is fetched first) and writes locally. Writes are never pushed back: after finalize
 /// the source is out of date by design.
 pub struct Leecher {
-    remote: Arc<dyn SeederRemote>,
+    remote: Arc<dyn Seeder>,
     synced: Arc<Synced>,
     puller: Option<Puller>,
     frontend: Arc<Locked<Arc<Synced>>>,
@@ -120,10 +120,26 @@ impl Leecher {
         options: LeecherOptions,
         hooks: LeecherHooks,
     ) -> io::Result<Self> {
-        if remote.size() != local.size() {
+        let data: SharedBackend = Arc::clone(&remote) as Arc<dyn Backend>;
+        Self::open_parts(data, remote, local, options, hooks)
+    }
+
+    /// As [`Leecher::open`], for a source whose data and seeder operations are separate objects
+    /// (the Go r3map's gRPC services: `r3map_grpc::GrpcSeeder::source` and the `GrpcSeeder`).
+    ///
+    /// # Errors
+    /// As [`Leecher::open`].
+    pub fn open_parts(
+        data: SharedBackend,
+        remote: Arc<dyn Seeder>,
+        local: SharedBackend,
+        options: LeecherOptions,
+        hooks: LeecherHooks,
+    ) -> io::Result<Self> {
+        if data.size() != local.size() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("the source has {} bytes and the destination {}", remote.size(), local.size()),
+                format!("the source has {} bytes and the destination {}", data.size(), local.size()),
             ));
         }
         remote
@@ -134,7 +150,6 @@ impl Leecher {
             on_chunk_local: hooks.on_chunk_local.clone(),
             ..SyncedOptions::default()
         };
-        let data: SharedBackend = Arc::clone(&remote) as Arc<dyn Backend>;
         let synced = Arc::new(Synced::new(data, local, synced_options)?);
         let LeecherOptions { puller, max_rounds, target_dirty, poll } = options;
         let puller = Puller::start(Arc::clone(&synced), PullerOptions { finalized: false, ..puller })?;

@@ -381,3 +381,30 @@ fn a_source_lost_for_good_during_postcopy_is_reported() {
     }
     assert!(leecher.close().is_err());
 }
+
+#[test]
+fn a_migration_over_the_go_r3map_grpc_services() {
+    use r3map_grpc::{GrpcClientOptions, GrpcExport, GrpcSeeder, GrpcServer};
+    let app_memory = Arc::new(random_memory(13));
+    let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, SourceHooks::default()).unwrap());
+    let backend: SharedBackend = source.clone();
+    let export = GrpcExport { seeder: Some(source.clone()), ..GrpcExport::new(backend) };
+    let server = GrpcServer::start("127.0.0.1:0".parse().unwrap(), export).unwrap();
+    let endpoint = format!("http://{}", server.local_addr());
+    let seeder = Arc::new(GrpcSeeder::connect(&endpoint, CHUNK, GrpcClientOptions::default()).unwrap());
+    let data: SharedBackend = Arc::new(seeder.source(SIZE));
+    let leecher =
+        Leecher::open_parts(data, seeder, Arc::new(Memory::new(SIZE)), options(), LeecherHooks::default())
+            .unwrap();
+    // The application writes through the source after tracking started.
+    source.write_at(&[7u8; 100], 4 << 20).unwrap();
+    // The Go services have no pre-copy rounds: one wait, then the final sync carries it all.
+    let rounds = leecher.precopy().unwrap();
+    assert!(rounds.is_empty(), "{rounds:?}");
+    let finalized = leecher.finalize().unwrap();
+    assert_eq!(finalized.dirty, vec![r3map_core::Chunk((4 << 20) / CHUNK)]);
+    leecher.wait().unwrap();
+    assert!(contents(&*leecher.backend()) == contents(&*app_memory));
+    leecher.close().unwrap();
+    assert_eq!(source.phase(), SourcePhase::Closed);
+}
