@@ -44,8 +44,8 @@ pub enum Command {
 pub struct SeedArgs {
     #[command(flatten)]
     pub serve: serve::Args,
-    /// Demo: once the destination starts tracking, write random data over PERCENT of the
-    /// resource (whole chunks, in random order) until the destination finalizes.
+    /// Demo: once the destination starts tracking, keep rewriting PERCENT of the resource (a
+    /// random set of whole chunks) with random data until the destination finalizes.
     #[arg(long, value_name = "PERCENT", value_parser = percent)]
     pub invalidate: Option<f64>,
 }

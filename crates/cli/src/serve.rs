@@ -317,8 +317,9 @@ pub struct Config {
 pub struct MigrationOptions {
     /// Stop serving (cleanly) once the destination closes the migration.
     pub exit_when_closed: bool,
-    /// A demo application: once the destination starts tracking, write random data over this
-    /// share (0..=100) of the resource, until the destination's final sync suspends it.
+    /// A demo application: once the destination starts tracking, keep rewriting this share
+    /// (0..=100) of the resource with random data, until the destination's final sync suspends
+    /// it.
     pub invalidate_percent: Option<f64>,
 }
 
@@ -678,20 +679,25 @@ impl Invalidator {
             let mut rng = fastrand::Rng::new();
             let mut picked: Vec<u64> = (0..chunks).collect();
             rng.shuffle(&mut picked);
+            picked.truncate(r3map_core::geometry::to_usize(target));
             let mut buf = vec![0u8; r3map_core::geometry::to_usize(chunk)];
             let mut written = 0;
-            for &c in picked.iter().take(r3map_core::geometry::to_usize(target)) {
-                if stop.load(Ordering::SeqCst) {
-                    break;
+            // Like a running application, it keeps rewriting its working set until suspended.
+            'passes: while !picked.is_empty() {
+                for &c in &picked {
+                    if stop.load(Ordering::SeqCst) {
+                        break 'passes;
+                    }
+                    let off = c * chunk;
+                    let n = r3map_core::geometry::to_usize(chunk.min(size - off));
+                    rng.fill(&mut buf[..n]);
+                    if let Err(e) = source.write_at(&buf[..n], off) {
+                        tracing::warn!(error = %e, "the demo application's write failed");
+                        break 'passes;
+                    }
+                    written += n as u64;
                 }
-                let off = c * chunk;
-                let n = r3map_core::geometry::to_usize(chunk.min(size - off));
-                rng.fill(&mut buf[..n]);
-                if let Err(e) = source.write_at(&buf[..n], off) {
-                    tracing::warn!(error = %e, "the demo application's write failed");
-                    break;
-                }
-                written += n as u64;
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             written
         });

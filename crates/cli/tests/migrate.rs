@@ -1,6 +1,6 @@
-//! `r3map migrate seed` and `r3map migrate leech` as two processes on loopback: a file migrated
-//! while the source's demo application writes over part of it arrives byte for byte, and the
-//! source exits once the destination has taken over.
+//! `r3map migrate seed` and `r3map migrate leech` as two processes on loopback: a 256 MiB file
+//! migrated while the source's demo application keeps rewriting a tenth of it arrives byte for
+//! byte, and the source exits once the destination has taken over.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -57,14 +57,14 @@ fn a_file_is_migrated_while_the_source_writes() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
     let dst = dir.path().join("dst.img");
-    random_file(&src, 16 << 20, 1);
-    let (mut source, url) = seed(&src, &["--invalidate", "25", "--chunk-size", "64KiB"]);
-    let local = format!("file://{}?size=16MiB", dst.display());
+    random_file(&src, 256 << 20, 1);
+    let (mut source, url) = seed(&src, &["--invalidate", "10", "--chunk-size", "64KiB"]);
+    let local = format!("file://{}?size=256MiB", dst.display());
     let out = Command::new(R3MAP).args(["migrate", "leech", &url, &local]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("finalized: ") && text.contains("downtime"), "{text}");
-    assert!(text.contains("migrated 16.0 MiB"), "{text}");
+    assert!(text.contains("migrated 256 MiB") || text.contains("migrated 256.0 MiB"), "{text}");
     assert!(wait_exit(&mut source).success());
     assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap(), "the copy differs from the source");
 }
