@@ -408,3 +408,41 @@ fn a_migration_over_the_go_r3map_grpc_services() {
     leecher.close().unwrap();
     assert_eq!(source.phase(), SourcePhase::Closed);
 }
+
+#[test]
+fn a_failed_final_sync_leaves_the_destination_locked_and_can_be_retried() {
+    let app_memory = Arc::new(random_memory(15));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&attempts);
+    let hooks = SourceHooks {
+        before_sync: Some(Box::new(move || {
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(io::Error::other("the application could not be suspended"))
+            } else {
+                Ok(())
+            }
+        })),
+        ..SourceHooks::default()
+    };
+    let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, hooks).unwrap());
+    let server = serve(Arc::clone(&source));
+    let leecher = Leecher::open(
+        connect(&server, Duration::from_secs(30)),
+        Arc::new(Memory::new(SIZE)),
+        options(),
+        LeecherHooks::default(),
+    )
+    .unwrap();
+    leecher.precopy().unwrap();
+    source.write_at(&[9u8; 64], 3 << 20).unwrap();
+    let err = leecher.finalize().unwrap_err();
+    assert!(err.to_string().contains("could not be suspended"), "{err}");
+    assert!(leecher.backend().is_locked(), "no downtime began: the destination stays locked");
+    assert_eq!(source.phase(), SourcePhase::Tracking, "the source runs on");
+    // The write made before the failed attempt is still in the dirty set of the next one.
+    let finalized = leecher.finalize().unwrap();
+    assert!(finalized.dirty.contains(&r3map_core::Chunk((3 << 20) / CHUNK)));
+    leecher.wait().unwrap();
+    assert!(contents(&*leecher.backend()) == contents(&*app_memory));
+    leecher.close().unwrap();
+}
