@@ -148,3 +148,35 @@ fn an_application_file_on_a_mount_moves_to_a_mount() {
     mount_a.close().unwrap();
     leecher.close().unwrap();
 }
+
+#[test]
+fn a_region_at_the_destination_waits_for_finalize() {
+    let memory = Arc::new(Memory::with_page_size(SIZE, CHUNK).unwrap());
+    memory.write_at(&random(5), 0).unwrap();
+    let source = Arc::new(Source::new(Arc::clone(&memory), CHUNK, SourceHooks::default()).unwrap());
+    let server = serve(source.clone(), source.clone());
+    let leecher = leech(&server);
+    // The application's memory at the destination is a region over the leecher's view: its
+    // faults wait until finalize, then are served from what was pulled (or fetched first).
+    let options = RegionOptions { chunk_size: CHUNK, pull: None, ..RegionOptions::default() };
+    let region = match Region::open(leecher.backend(), options) {
+        Ok(r) => Arc::new(r),
+        Err(RegionError::Unavailable(e)) => return println!("skipped: {e}"),
+        Err(e) => panic!("{e}"),
+    };
+    let touched = Arc::new(AtomicBool::new(false));
+    let (reader_region, flag) = (Arc::clone(&region), Arc::clone(&touched));
+    let reader = std::thread::spawn(move || {
+        let v = reader_region.read_u8(SIZE - 1).unwrap();
+        flag.store(true, Ordering::SeqCst);
+        v
+    });
+    source.write_at(&[0xee], SIZE - 1).unwrap();
+    leecher.precopy().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!touched.load(Ordering::SeqCst), "the access waits for finalize");
+    leecher.finalize().unwrap();
+    assert_eq!(reader.join().unwrap(), 0xee, "the access sees the source's last write");
+    assert!(contents(&*region) == contents(&*memory));
+    leecher.wait().unwrap();
+}
