@@ -94,3 +94,67 @@ fn finalize_early_and_bad_input() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_migration_over_tls_with_r3map_certs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let out = Command::new(R3MAP)
+        .args(["certs", "--out", pki.to_str().unwrap(), "--client", "dest", "--server-name", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = |f: &str| pki.join(f).display().to_string();
+    let src = dir.path().join("src.img");
+    random_file(&src, 8 << 20, 3);
+    let (cert, key, ca) = (p("server.pem"), p("server-key.pem"), p("ca.pem"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("file://{}", src.display());
+    let mut child = Command::new(R3MAP)
+        .args(["migrate", "seed", &url, "--listen", &listen, "--tls-cert", &cert, "--tls-key", &key])
+        .args(["--tls-client-ca", &ca, "--invalidate", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut source = Seed(child);
+    assert!(line.contains("TLS 1.3, client certificates"), "{line}");
+    let dst = dir.path().join("dst.img");
+    let local = format!("file://{}?size=8MiB", dst.display());
+    // Without a client certificate the source refuses the destination.
+    let bare = format!("r3map://{listen}/default?ca={ca}");
+    let out = Command::new(R3MAP).args(["migrate", "leech", &bare, &local]).output().unwrap();
+    assert!(!out.status.success());
+    let full = format!("{bare}&cert={}&key={}", p("client-dest.pem"), p("client-dest-key.pem"));
+    let out = Command::new(R3MAP).args(["migrate", "leech", &full, &local]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_exit(&mut source).success());
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+}
+
+#[test]
+fn a_source_killed_during_precopy_fails_the_destination_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    random_file(&src, 64 << 20, 4);
+    let (mut source, url) = seed(&src, &["--invalidate", "50"]);
+    let dst = dir.path().join("dst.img");
+    let local = format!("file://{}?size=64MiB", dst.display());
+    let leech = Command::new(R3MAP)
+        .args(["migrate", "leech", &format!("{url}?timeout=2"), &local, "--pull-depth", "1"])
+        .args(["--pull-request", "64KiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    source.0.kill().unwrap();
+    let out = leech.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("the source is unaffected") || err.contains("cannot start the migration"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("finalized"), "it never went live");
+}
