@@ -21,8 +21,15 @@
 //! - A source whose destination gives up before finalize is unaffected; `close` without a
 //!   successful `sync` changes nothing at the source.
 //!
-//! Not yet: mounts and userfaultfd regions as the source or destination, and reconnection of the
-//! final `sync` (its reply lost means the migration failed). The CLI is `r3map migrate`.
+//! Frontends compose with it: a FUSE mount of a [`Source`] or of [`Leecher::backend`], a
+//! userfaultfd region as the source (it is a seeder itself) or over [`Leecher::backend`] at the
+//! destination. The Go r3map's gRPC seeder services work through [`Leecher::open_parts`]. The CLI
+//! is `r3map migrate`; the benchmark `cargo bench -p r3map-migrate --bench migrate`.
+//!
+//! Not yet: a lost reply to the final `sync` (or to a round) cannot be repeated and fails the
+//! migration; the dirty chunks of a round are re-pulled one request per run of adjacent chunks,
+//! which over a link with a long round trip keeps rounds from converging (see
+//! docs/benchmarks.md).
 
 mod leecher;
 mod source;
