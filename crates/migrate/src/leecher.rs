@@ -196,6 +196,32 @@ impl Leecher {
         Ok(())
     }
 
+    /// Waits for the first copy, taking rounds from the source while it runs: a chunk written
+    /// before its first pull is then pulled once, fresh, instead of again after the copy; a chunk
+    /// written after its pull is marked remote and queued first, as in any round.
+    fn first_copy(&self) -> io::Result<()> {
+        let mut next_round = Some(Instant::now() + FIRST_COPY_ROUNDS);
+        while !self.synced.is_complete() {
+            if let Some(failed) = self.progress().failed {
+                return Err(io::Error::other(format!("the pull from the source failed: {failed}")));
+            }
+            if next_round.is_some_and(|t| Instant::now() >= t) {
+                next_round = Some(Instant::now() + FIRST_COPY_ROUNDS);
+                match self.remote.take_dirty() {
+                    Ok(dirty) => {
+                        self.synced.mark_remote(dirty.iter().copied());
+                        self.puller().prioritize(dirty);
+                    }
+                    // A source without rounds: the first round after the copy has them all.
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => next_round = None,
+                    Err(e) => return Err(e),
+                }
+            }
+            std::thread::sleep(self.options.poll);
+        }
+        Ok(())
+    }
+
     /// Iterative pre-copy: waits for the pull to catch up, then asks the source for the chunks
     /// written meanwhile and pulls them again, round after round, until a round finds no more than
     /// [`LeecherOptions::target_dirty`] chunks, finds no fewer than the round before (the
@@ -209,7 +235,7 @@ impl Leecher {
     pub fn precopy(&self) -> io::Result<Vec<Round>> {
         let mut rounds = Vec::new();
         let start = Instant::now();
-        self.wait_caught_up()?;
+        self.first_copy()?;
         tracing::debug!(took = ?start.elapsed(), "migration: first copy done");
         let mut previous = usize::MAX;
         while rounds.len() < self.options.max_rounds {
@@ -290,6 +316,9 @@ impl Leecher {
         Ok(Arc::clone(self.synced.local()))
     }
 }
+
+/// How often the source is asked for its dirty chunks while the first copy runs.
+const FIRST_COPY_ROUNDS: Duration = Duration::from_millis(100);
 
 /// The options the leecher keeps after the pull has started.
 #[derive(Debug, Clone, Copy)]
