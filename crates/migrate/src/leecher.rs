@@ -196,10 +196,15 @@ impl Leecher {
         Ok(())
     }
 
-    /// Waits for the first copy, taking rounds from the source while it runs: a chunk written
-    /// before its first pull is then pulled once, fresh, instead of again after the copy; a chunk
-    /// written after its pull is marked remote and queued first, as in any round.
-    fn first_copy(&self) -> io::Result<()> {
+    /// Waits for the first copy, taking rounds from the source while it runs, and returns the
+    /// chunks those rounds found already copied (the caller pulls them again).
+    ///
+    /// A chunk written before its first pull is then pulled once, fresh, instead of again after
+    /// the copy. Chunks found already local are only remembered, not marked remote, so a source
+    /// that writes faster than the link copies cannot keep the first copy from ending; a chunk
+    /// found while its pull is in flight is marked remote, which discards that pull.
+    fn first_copy(&self) -> io::Result<Vec<Chunk>> {
+        let mut carried = Vec::new();
         let mut next_round = Some(Instant::now() + FIRST_COPY_ROUNDS);
         while !self.synced.is_complete() {
             if let Some(failed) = self.progress().failed {
@@ -209,8 +214,10 @@ impl Leecher {
                 next_round = Some(Instant::now() + FIRST_COPY_ROUNDS);
                 match self.remote.take_dirty() {
                     Ok(dirty) => {
-                        self.synced.mark_remote(dirty.iter().copied());
-                        self.puller().prioritize(dirty);
+                        let (copied, pending): (Vec<Chunk>, Vec<Chunk>) =
+                            dirty.into_iter().partition(|&c| self.synced.is_local(c));
+                        self.synced.mark_remote(pending);
+                        carried.extend(copied);
                     }
                     // A source without rounds: the first round after the copy has them all.
                     Err(e) if e.kind() == io::ErrorKind::Unsupported => next_round = None,
@@ -219,7 +226,7 @@ impl Leecher {
             }
             std::thread::sleep(self.options.poll);
         }
-        Ok(())
+        Ok(carried)
     }
 
     /// Iterative pre-copy: waits for the pull to catch up, then asks the source for the chunks
@@ -235,7 +242,14 @@ impl Leecher {
     pub fn precopy(&self) -> io::Result<Vec<Round>> {
         let mut rounds = Vec::new();
         let start = Instant::now();
-        self.first_copy()?;
+        let carried = self.first_copy()?;
+        // What the source cleared during the copy but the copy already had is pulled again now,
+        // whatever the rounds below do: the source will not report it again.
+        if !carried.is_empty() {
+            self.synced.mark_remote(carried.iter().copied());
+            self.puller().prioritize(carried);
+            self.wait_caught_up()?;
+        }
         tracing::debug!(took = ?start.elapsed(), "migration: first copy done");
         let mut previous = usize::MAX;
         while rounds.len() < self.options.max_rounds {
