@@ -446,3 +446,38 @@ fn a_failed_final_sync_leaves_the_destination_locked_and_can_be_retried() {
     assert!(contents(&*leecher.backend()) == contents(&*app_memory));
     leecher.close().unwrap();
 }
+
+#[test]
+fn a_source_writing_faster_than_the_link_still_finishes() {
+    use r3map_core::Delay;
+    let app_memory = Arc::new(random_memory(17));
+    // 5 ms per read at the source and one 64 KiB request at a time: the copy is far slower than
+    // the writer, which rewrites chunks all over the resource.
+    let slow = Delay::new(Arc::clone(&app_memory), Duration::from_millis(5));
+    let source = Arc::new(Source::new(slow, CHUNK, SourceHooks::default()).unwrap());
+    let server = serve(Arc::clone(&source));
+    let writer = Writer::start(source.clone(), 18, SIZE);
+    let options = LeecherOptions {
+        puller: PullerOptions { depth: 1, request_size: CHUNK, ..PullerOptions::default() },
+        max_rounds: 2,
+        ..LeecherOptions::default()
+    };
+    let leecher = Arc::new(
+        Leecher::open(
+            connect(&server, Duration::from_secs(30)),
+            Arc::new(Memory::new(SIZE)),
+            options,
+            LeecherHooks::default(),
+        )
+        .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = Arc::clone(&leecher);
+    std::thread::spawn(move || tx.send(l.precopy().map(|r| r.len())).unwrap());
+    let rounds = rx.recv_timeout(Duration::from_secs(120)).expect("the pre-copy ends").unwrap();
+    assert!(rounds <= 2);
+    drop(writer);
+    leecher.finalize().unwrap();
+    leecher.wait().unwrap();
+    assert!(contents(&*leecher.backend()) == contents(&*app_memory));
+}
