@@ -552,13 +552,12 @@ mod tests {
         assert!(FORMS.contains("nbd://"));
     }
 
-    #[test]
-    fn nbd_urls_open_an_nbd_server() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("nbd.sock");
-        let backend: r3map_core::SharedBackend = Arc::new(Memory::new(65536));
-        let server = r3map_nbd::NbdServer::new(vec![r3map_nbd::NbdExport::new("disk", backend)]).unwrap();
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    /// Serves `server` on a Unix socket at `socket` in a thread; sending on the channel stops it.
+    fn serve_nbd_unix(
+        server: r3map_nbd::NbdServer,
+        socket: &Path,
+    ) -> (tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<std::io::Result<()>>) {
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
         listener.set_nonblocking(true).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -568,6 +567,16 @@ mod tests {
                 server.serve_unix(listener, async { drop(stopped.await) }).await
             })
         });
+        (stop, thread)
+    }
+
+    #[test]
+    fn nbd_urls_open_an_nbd_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let backend: r3map_core::SharedBackend = Arc::new(Memory::new(65536));
+        let server = r3map_nbd::NbdServer::new(vec![r3map_nbd::NbdExport::new("disk", backend)]).unwrap();
+        let (stop, thread) = serve_nbd_unix(server, &socket);
         let opened = ok(&format!("nbd+unix:///disk?socket={}", socket.display()));
         assert_eq!(opened.backend.size(), 65536);
         assert_eq!(opened.description, format!("NBD server unix:{} export 'disk'", socket.display()));
@@ -590,16 +599,7 @@ mod tests {
         let server = r3map_nbd::NbdServer::new(vec![r3map_nbd::NbdExport::new("disk", backend)])
             .unwrap()
             .with_tls(r3map_nbd::NbdTls { config, mode: r3map_nbd::TlsMode::Require });
-        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
-                server.serve_unix(listener, async { drop(stopped.await) }).await
-            })
-        });
+        let (stop, thread) = serve_nbd_unix(server, &socket);
         let url = format!(
             "nbds+unix:///disk?socket={}&tls-certificates={}",
             socket.display(),

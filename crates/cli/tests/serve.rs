@@ -137,6 +137,17 @@ fn round_trip(client: &RemoteBackend, seed: u64) -> (u64, Vec<u8>) {
     (off, data)
 }
 
+/// The text of a Prometheus scrape of `http://ADDR/metrics`.
+fn scrape(addr: &str) -> String {
+    let mut http = TcpStream::connect(addr).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    http.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    response
+}
+
 fn run(bin: &str, args: &[&str]) -> std::process::Output {
     Command::new(bin).args(args).env_remove("R3MAP_TOKEN").env("RUST_BACKTRACE", "0").output().unwrap()
 }
@@ -373,14 +384,7 @@ fn metrics_are_served_for_prometheus() {
     assert!(server.ready.contains(&format!("metrics at http://{metrics}/metrics")), "{}", server.ready);
     let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
     round_trip(&client, 5);
-    let mut http = TcpStream::connect(&metrics).unwrap();
-    http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    http.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
-    let mut response = String::new();
-    http.read_to_string(&mut response).unwrap();
+    let response = scrape(&metrics);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     for w in [
         "r3map_server_requests_total{op=\"read\"}",
@@ -747,14 +751,7 @@ fn nbd_clients_use_r3map_serve_over_tcp_and_unix() {
     assert!(text.contains("block_size_preferred: 65536"), "{text}");
     assert!(text.contains("disk.img"), "the description names the backend: {text}");
 
-    let mut http = TcpStream::connect(&metrics).unwrap();
-    http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    http.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
-    let mut response = String::new();
-    http.read_to_string(&mut response).unwrap();
+    let response = scrape(&metrics);
     for w in ["r3map_nbd_requests_total{op=\"write\"}", "r3map_nbd_bytes_total{direction=\"read\"}"] {
         assert!(response.contains(w), "{w:?} missing from:\n{response}");
     }
