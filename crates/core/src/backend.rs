@@ -54,6 +54,22 @@ pub trait Backend: Send + Sync {
     /// `InvalidInput` for a range past the end; any error of the storage underneath.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
 
+    /// Fills each buffer of `reads` with the bytes at its offset, as `read_at` on each in turn.
+    ///
+    /// Backends that keep requests in flight (network clients) send every read before waiting
+    /// for the first, so scattered ranges cost one round trip together instead of one each: the
+    /// background pull fetches a batch of scattered chunks this way. The default reads one range
+    /// after another.
+    ///
+    /// # Errors
+    /// As `read_at`, for the first range that fails; the other buffers are then unspecified.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        for (off, buf) in reads.iter_mut() {
+            self.read_at(buf, *off)?;
+        }
+        Ok(())
+    }
+
     /// Writes `buf` at `off`.
     ///
     /// # Errors
@@ -115,6 +131,9 @@ macro_rules! forward_backend {
             }
             fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
                 (**self).read_at(buf, off)
+            }
+            fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+                (**self).read_many(reads)
             }
             fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
                 (**self).write_at(buf, off)

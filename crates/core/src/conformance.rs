@@ -24,6 +24,7 @@ pub fn run(make: &dyn Fn(u64) -> SharedBackend) {
     fresh_reads_zero(make(SIZE).as_ref());
     writes_read_back(make(SIZE).as_ref());
     out_of_range_is_rejected(make(SIZE).as_ref());
+    read_many_reads_each_range(make(SIZE).as_ref());
     empty_io(make(SIZE).as_ref());
     optional_verbs(make(SIZE).as_ref());
     concurrent_disjoint_writes(&make(SIZE));
@@ -46,6 +47,30 @@ fn assert_model(b: &dyn Backend, model: &[u8], check: &str) {
     if let Some(i) = got.iter().zip(model).position(|(a, m)| a != m) {
         panic!("{check}: byte {i} reads {} but {} was written", got[i], model[i]);
     }
+}
+
+fn read_many_reads_each_range(b: &dyn Backend) {
+    let size = b.size();
+    let data = pattern(77, size as usize);
+    b.write_at(&data, 0).expect("read_many_reads_each_range: write");
+    let ranges: [(u64, usize); 5] =
+        [(size - 10, 10), (0, 4096), (70_000, 1024 * 1024 + 3), (5, 0), (2 * 1024 * 1024, 65_536)];
+    let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|&(_, len)| vec![0xAA; len]).collect();
+    let mut reads: Vec<(u64, &mut [u8])> =
+        ranges.iter().zip(bufs.iter_mut()).map(|(&(off, _), buf)| (off, buf.as_mut_slice())).collect();
+    b.read_many(&mut reads).unwrap_or_else(|e| panic!("read_many_reads_each_range: {e}"));
+    for (&(off, len), buf) in ranges.iter().zip(&bufs) {
+        assert!(
+            buf[..] == data[off as usize..off as usize + len],
+            "read_many_reads_each_range: the read of {len} at {off} differs"
+        );
+    }
+    let mut ok = [0u8; 16];
+    let mut past = [0u8; 16];
+    let err = b
+        .read_many(&mut [(0, &mut ok[..]), (size - 8, &mut past[..])])
+        .expect_err("read_many_reads_each_range: a range past the end must fail");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "read_many_reads_each_range: {err}");
 }
 
 fn size_is_reported(b: &dyn Backend) {

@@ -13,7 +13,7 @@
 //!   reaching the source through a `RemoteBackend`. The pull runs 16 requests of up to 4 MiB in
 //!   flight (64 MiB in flight: enough for 6.4 GB/s at 10 ms per call, above what one loopback
 //!   connection carries), the leecher's default rounds (at most 8, until a round finds nothing or
-//!   no fewer chunks than the one before).
+//!   a set less than a tenth smaller than the one before).
 //! - **Latency**: a wrapper around the `RemoteBackend` at the destination waits the latency before
 //!   every call (reads, `track`, `take_dirty`, `sync`, `close`), in the calling thread, so
 //!   concurrent requests wait concurrently, like requests in flight on a link. This models a round
@@ -95,6 +95,14 @@ impl Backend for Link {
         self.wait();
         self.remote.read_at(buf, off)?;
         self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A batch travels together: one round trip.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.wait();
+        self.remote.read_many(reads)?;
+        self.read.fetch_add(reads.iter().map(|(_, b)| b.len() as u64).sum(), Ordering::Relaxed);
         Ok(())
     }
 

@@ -231,8 +231,8 @@ impl Leecher {
 
     /// Iterative pre-copy: waits for the pull to catch up, then asks the source for the chunks
     /// written meanwhile and pulls them again, round after round, until a round finds no more than
-    /// [`LeecherOptions::target_dirty`] chunks, finds no fewer than the round before (the
-    /// application writes as fast as they are copied), or [`LeecherOptions::max_rounds`] is
+    /// [`LeecherOptions::target_dirty`] chunks, shrinks the set by less than a tenth of the round
+    /// before (the application writes about as fast as they are copied), or [`LeecherOptions::max_rounds`] is
     /// reached. What is left for [`Leecher::finalize`], and so the downtime, shrinks with each
     /// round. A source that cannot report rounds (a Go r3map peer) ends it after the first wait.
     ///
@@ -265,7 +265,9 @@ impl Leecher {
             self.wait_caught_up()?;
             rounds.push(Round { dirty: n, took: started.elapsed() });
             tracing::debug!(round = rounds.len(), dirty = n, "migration: pre-copy round");
-            if n <= self.options.target_dirty || n >= previous {
+            // A round that shrinks the set by less than a tenth is at the equilibrium between
+            // the application's writes and the link: more rounds cost bytes, not downtime.
+            if n <= self.options.target_dirty || n.saturating_mul(10) > previous.saturating_mul(9) {
                 break;
             }
             previous = n;

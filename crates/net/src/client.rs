@@ -406,23 +406,29 @@ impl Backend for RemoteBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        check_range(off, len64(buf), self.info.size)?;
-        let max = self.info.max_request as usize;
-        // Send every piece first, then collect: the pieces are in flight together.
-        let mut waits = Vec::with_capacity(buf.len().div_ceil(max.max(1)));
-        for (i, piece) in buf.chunks(max).enumerate() {
-            let length = u32::try_from(piece.len()).expect("pieces are at most max_request");
-            waits.push((
-                i * max,
-                piece.len(),
-                self.send(Op::Read, off + (i * max) as u64, length, Vec::new())?,
-            ));
+        self.read_many(&mut [(off, buf)])
+    }
+
+    /// Sends a request for every piece of every read first, then collects the answers: they are
+    /// all in flight together, one round trip for the batch.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        for (off, buf) in reads.iter() {
+            check_range(*off, len64(buf), self.info.size)?;
+        }
+        let max = (self.info.max_request as usize).max(1);
+        let mut waits = Vec::with_capacity(reads.iter().map(|(_, b)| b.len().div_ceil(max)).sum());
+        for (r, (off, buf)) in reads.iter().enumerate() {
+            for (i, piece) in buf.chunks(max).enumerate() {
+                let length = u32::try_from(piece.len()).expect("pieces are at most max_request");
+                let rx = self.send(Op::Read, off + (i * max) as u64, length, Vec::new())?;
+                waits.push((r, i * max, piece.len(), rx));
+            }
         }
         let mut first_error = None;
-        for (start, len, rx) in waits {
+        for (r, start, len, rx) in waits {
             match self.wait(&rx, Op::Read) {
                 Ok(data) if data.len() == len => {
-                    buf[start..start + len].copy_from_slice(&data);
+                    reads[r].1[start..start + len].copy_from_slice(&data);
                     self.pool.put(data);
                 }
                 Ok(data) => {

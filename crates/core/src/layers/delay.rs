@@ -117,6 +117,12 @@ impl<B: Backend> Backend for Delay<B> {
         self.inner.read_at(buf, off)
     }
 
+    /// One latency for the whole batch (its reads travel together), plus the time of its bytes.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.wait(reads.iter().map(|(_, b)| len64(b)).sum());
+        self.inner.read_many(reads)
+    }
+
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.wait(len64(buf));
         self.inner.write_at(buf, off)

@@ -154,6 +154,11 @@ impl<B: Backend> Backend for Locked<B> {
         self.inner.read_at(buf, off)
     }
 
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        let _pass = self.enter();
+        self.inner.read_many(reads)
+    }
+
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let _pass = self.enter();
         self.inner.write_at(buf, off)

@@ -149,6 +149,10 @@ impl<B: Backend> Backend for Tracked<B> {
         self.inner.read_at(buf, off)
     }
 
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.inner.read_many(reads)
+    }
+
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.inner.write_at(buf, off)?;
         self.mark(off, len64(buf));

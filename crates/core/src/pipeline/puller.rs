@@ -12,7 +12,9 @@
 //! flight can be limited at start ([`PullerOptions::initial_depth`]) and changed at any time
 //! ([`Puller::set_depth`]): a mount pulls with one request while its frontend is being set up.
 //!
-//! Order: chunks named by [`Puller::prioritize`] or [`Puller::finalize`] go first, then the
+//! Order: chunks named by [`Puller::prioritize`] or [`Puller::finalize`] go first (a worker takes
+//! up to `request_size` of them at a time, however scattered, and fetches them with one
+//! [`Backend::read_many`](crate::Backend::read_many): one round trip for a network remote), then the
 //! [`PullOrder`] (sequential by default), then a sweep that picks up whatever is still remote
 //! (chunks invalidated by `mark_remote`, or left by a failed on-demand read). The puller is done
 //! when it has been finalized and every chunk is local.
@@ -214,7 +216,8 @@ impl fmt::Debug for Puller {
 }
 
 enum Work {
-    Run(Range<u64>),
+    /// Runs of chunks to pull together: one run, or a batch of scattered urgent ones.
+    Run(Vec<Range<u64>>),
     Wait,
     Exit,
 }
@@ -419,23 +422,34 @@ fn next_work(shared: &Shared, q: &mut Queue) -> Work {
     }
     let synced = &shared.synced;
     let chunks = synced.geometry().chunks();
-    while let Some(c) = q.urgent.pop_front() {
-        if c >= chunks || synced.is_local(Chunk(c)) {
+    // Urgent chunks are scattered (a round's dirty set): a worker takes up to a request's worth
+    // of them, runs of adjacent ones merged, and fetches them with one batch of reads.
+    let mut batch: Vec<Range<u64>> = Vec::new();
+    let mut in_batch = 0;
+    while in_batch < shared.max_chunks {
+        let Some(c) = q.urgent.pop_front() else {
+            break;
+        };
+        if c >= chunks || synced.is_local(Chunk(c)) || synced.is_busy(Chunk(c)) {
             continue;
         }
         let mut end = c + 1;
-        while end - c < shared.max_chunks && q.urgent.front() == Some(&end) {
+        while in_batch + (end - c) < shared.max_chunks && q.urgent.front() == Some(&end) {
             q.urgent.pop_front();
             end += 1;
         }
-        return Work::Run(c..end);
+        in_batch += end - c;
+        batch.push(c..end);
+    }
+    if !batch.is_empty() {
+        return Work::Run(batch);
     }
     let max_chunks = q.ramp.min(shared.max_chunks);
     while !q.order_done {
         match q.order.next_run(max_chunks) {
             Some(run) if synced.next_remote(run.start, run.end).is_some() => {
                 q.ramp = (max_chunks * 2).min(shared.max_chunks);
-                return Work::Run(run);
+                return Work::Run(vec![run]);
             }
             Some(_) => {}
             None => q.order_done = true,
@@ -451,7 +465,8 @@ fn next_work(shared: &Shared, q: &mut Queue) -> Work {
         let end = (c + max_chunks).min(chunks);
         q.ramp = (max_chunks * 2).min(shared.max_chunks);
         q.sweep = end;
-        return Work::Run(c..end);
+        let run = c..end;
+        return Work::Run(vec![run]);
     }
     // Start the next sweep from the beginning: chunks may have become remote behind it
     // (mark_remote, a failed on-demand pull).
@@ -522,10 +537,10 @@ fn worker(shared: &Arc<Shared>) {
                 // (a failed on-demand pull, mark_remote) or that someone else was pulling.
                 q = shared.cv.wait_timeout(q, Duration::from_millis(50)).expect("puller queue lock").0;
             }
-            Work::Run(run) => {
+            Work::Run(runs) => {
                 q.in_flight += 1;
                 drop(q);
-                let result = pull_with_retries(shared, run, &mut scratch);
+                let result = pull_with_retries(shared, &runs, &mut scratch);
                 q = shared.queue.lock().expect("puller queue lock");
                 q.in_flight -= 1;
                 if let Err(e) = result {
@@ -538,11 +553,11 @@ fn worker(shared: &Arc<Shared>) {
     }
 }
 
-fn pull_with_retries(shared: &Shared, run: Range<u64>, scratch: &mut Vec<u8>) -> io::Result<()> {
+fn pull_with_retries(shared: &Shared, runs: &[Range<u64>], scratch: &mut Vec<u8>) -> io::Result<()> {
     let mut backoff = shared.retry_backoff;
     let mut attempt = 1;
     loop {
-        match shared.synced.pull(run.clone(), shared.max_chunks, scratch) {
+        match shared.synced.pull_runs(runs, shared.max_chunks, scratch) {
             Ok((chunks, bytes)) => {
                 shared.pulled_chunks.fetch_add(chunks, Ordering::Relaxed);
                 shared.pulled_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -694,6 +709,39 @@ mod tests {
         expected[(2 * CS) as usize..(3 * CS) as usize].copy_from_slice(&newer[..CS as usize]);
         expected[(5 * CS) as usize..(6 * CS) as usize].copy_from_slice(&newer[CS as usize..]);
         assert_eq!(contents(&*synced), expected);
+    }
+
+    #[test]
+    fn scattered_urgent_chunks_are_fetched_in_batches_of_a_request() {
+        let data = pattern(9, (64 * CS) as usize);
+        let (remote, synced) = setup(&data);
+        let puller =
+            Puller::start(Arc::clone(&synced), PullerOptions { finalized: false, ..opts(1, 8 * CS) })
+                .unwrap();
+        while !synced.is_complete() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (reads, batches) = (remote.reads.load(Ordering::SeqCst), remote.batches.load(Ordering::SeqCst));
+        // Ten scattered chunks (two of them adjacent) changed at the source.
+        let dirty: Vec<Chunk> = [1, 7, 8, 13, 22, 30, 41, 50, 57, 63].into_iter().map(Chunk).collect();
+        let newer = pattern(10, (64 * CS) as usize);
+        for c in &dirty {
+            let range = (c.0 * CS) as usize..((c.0 + 1) * CS) as usize;
+            remote.inner.write_at(&newer[range], c.0 * CS).unwrap();
+        }
+        synced.mark_remote(dirty.iter().copied());
+        puller.finalize(&dirty);
+        puller.wait().unwrap();
+        // Eight chunks per request: two batches, nine reads (7 and 8 are one).
+        assert_eq!(remote.batches.load(Ordering::SeqCst) - batches, 2);
+        assert_eq!(remote.reads.load(Ordering::SeqCst) - reads, 9);
+        remote.fail_reads.store(true, Ordering::SeqCst);
+        let got = contents(&*synced);
+        for c in 0..64 {
+            let range = (c * CS) as usize..((c + 1) * CS) as usize;
+            let want = if dirty.contains(&Chunk(c)) { &newer[range.clone()] } else { &data[range.clone()] };
+            assert!(got[range] == *want, "chunk {c}");
+        }
     }
 
     #[test]

@@ -324,28 +324,67 @@ impl Synced {
     /// # Errors
     /// The first failed remote read or local write; the chunks of that request stay remote.
     pub fn pull(&self, chunks: Range<u64>, max_chunks: u64, scratch: &mut Vec<u8>) -> io::Result<(u64, u64)> {
-        let end = chunks.end.min(self.geometry.chunks());
+        self.pull_runs(std::slice::from_ref(&chunks), max_chunks, scratch)
+    }
+
+    /// As [`Synced::pull`] for several runs of chunks (scattered chunks a migration round found
+    /// dirty): the chunks to pull are gathered into batches of at most `max_chunks`, and each
+    /// batch is one [`Backend::read_many`] of the remote with a read per run of adjacent chunks,
+    /// so a network remote fetches the batch in one round trip.
+    ///
+    /// # Errors
+    /// The first failed batch; its chunks stay remote, and the batches after it are not sent.
+    pub fn pull_runs(
+        &self,
+        runs: &[Range<u64>],
+        max_chunks: u64,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<(u64, u64)> {
+        let max = max_chunks.max(1);
+        let chunks = self.geometry.chunks();
+        let mut batch: Vec<Range<u64>> = Vec::new();
+        let mut in_batch = 0;
         let mut pulled = (0, 0);
-        let mut c = chunks.start;
-        while c < end {
-            let Some(Chunk(start)) = self.next_remote(c, end) else {
-                break;
-            };
-            let mut stop = start;
-            while stop < end && stop - start < max_chunks.max(1) && self.try_claim(stop) {
-                stop += 1;
+        let mut send = |batch: &mut Vec<Range<u64>>, in_batch: &mut u64| -> io::Result<()> {
+            if batch.is_empty() {
+                return Ok(());
             }
-            if stop == start {
-                // Someone else is pulling it; they will finish it.
-                c = start + 1;
-                continue;
+            self.fill_many(batch, scratch)?;
+            pulled.0 += *in_batch;
+            pulled.1 += batch
+                .iter()
+                .map(|r| self.geometry.byte_range(r.clone()))
+                .map(|b| b.end - b.start)
+                .sum::<u64>();
+            batch.clear();
+            *in_batch = 0;
+            Ok(())
+        };
+        for run in runs {
+            let end = run.end.min(chunks);
+            let mut c = run.start;
+            while c < end {
+                let Some(Chunk(start)) = self.next_remote(c, end) else {
+                    break;
+                };
+                let mut stop = start;
+                while stop < end && in_batch + (stop - start) < max && self.try_claim(stop) {
+                    stop += 1;
+                }
+                if stop == start {
+                    // Someone else is pulling it; they will finish it.
+                    c = start + 1;
+                    continue;
+                }
+                batch.push(start..stop);
+                in_batch += stop - start;
+                c = stop;
+                if in_batch >= max {
+                    send(&mut batch, &mut in_batch)?;
+                }
             }
-            self.fill(start..stop, None, scratch)?;
-            let bytes = self.geometry.byte_range(start..stop);
-            pulled.0 += stop - start;
-            pulled.1 += bytes.end - bytes.start;
-            c = stop;
         }
+        send(&mut batch, &mut in_batch)?;
         Ok(pulled)
     }
 
@@ -441,6 +480,69 @@ impl Synced {
         self.counters.pulled_bytes.fetch_add(bytes.end - bytes.start, Ordering::Relaxed);
         self.notify_local(became.into_iter());
         Ok(direct)
+    }
+
+    /// Fetches the claimed runs `runs` from the remote with one [`Backend::read_many`], stores
+    /// them locally, then releases them.
+    fn fill_many(&self, runs: &[Range<u64>], scratch: &mut Vec<u8>) -> io::Result<()> {
+        if let [run] = runs {
+            return self.fill(run.clone(), None, scratch).map(drop);
+        }
+        let bytes: Vec<Range<u64>> = runs.iter().map(|r| self.geometry.byte_range(r.clone())).collect();
+        let total = bytes.iter().map(|b| to_usize(b.end - b.start)).sum();
+        scratch.resize(total, 0);
+        let mut reads = Vec::with_capacity(runs.len());
+        let mut rest = &mut scratch[..total];
+        for b in &bytes {
+            let (head, tail) = rest.split_at_mut(to_usize(b.end - b.start));
+            reads.push((b.start, head));
+            rest = tail;
+        }
+        let mut result = self.remote.read_many(&mut reads);
+        self.counters.pull_requests.fetch_add(runs.len() as u64, Ordering::Relaxed);
+        let mut written = vec![false; runs.len()];
+        if result.is_ok() {
+            for (i, (off, buf)) in reads.iter().enumerate() {
+                match self.local.write_at(buf, *off) {
+                    Ok(()) => written[i] = true,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        let mut became = Vec::new();
+        for (run, &ok) in runs.iter().zip(&written) {
+            for c in run.clone() {
+                if self.release(c, ok) {
+                    became.push(c);
+                }
+            }
+        }
+        let filled: Vec<&Range<u64>> =
+            runs.iter().zip(&written).filter(|(_, ok)| **ok).map(|(r, _)| r).collect();
+        self.counters
+            .pulled_chunks
+            .fetch_add(filled.iter().map(|r| r.end - r.start).sum(), Ordering::Relaxed);
+        self.counters.pulled_bytes.fetch_add(
+            filled.iter().map(|r| self.geometry.byte_range((*r).clone())).map(|b| b.end - b.start).sum(),
+            Ordering::Relaxed,
+        );
+        self.notify_local(became.into_iter());
+        result.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "pulling {} runs of chunks from {}..{} to {}..{} failed: {e}",
+                    runs.len(),
+                    runs[0].start,
+                    runs[0].end,
+                    runs[runs.len() - 1].start,
+                    runs[runs.len() - 1].end
+                ),
+            )
+        })
     }
 
     /// Makes every chunk of `chunks` local, pulling what is missing and waiting for pulls by
@@ -711,6 +813,51 @@ mod tests {
         // Chunk 2 was local: chunks 1 and 3..7 are two requests.
         assert_eq!(remote.reads.load(Ordering::SeqCst), 3);
         assert_eq!(s.stats().pull_requests, 3);
+    }
+
+    #[test]
+    fn scattered_runs_are_pulled_in_batches_of_reads_sent_together() {
+        let data = pattern(21, (20 * CS + 99) as usize);
+        let remote = Arc::new(Probe::with_data(&data));
+        let s = stack(&remote);
+        s.read_at(&mut [0u8; 1], 4 * CS).unwrap();
+        let reads_before = remote.reads.load(Ordering::SeqCst);
+        let runs = [0..1, 3..6, 9..10, 12..13, 15..16, 20..21];
+        // Chunk 4 is local: 0, 3, 5, 9 fill the first batch of four; 12, 15 and the tail the second.
+        let (chunks, bytes) = s.pull_runs(&runs, 4, &mut Vec::new()).unwrap();
+        assert_eq!((chunks, bytes), (7, 6 * CS + 99));
+        assert_eq!(remote.batches.load(Ordering::SeqCst), 2);
+        let mut offsets = remote.read_offsets.lock().unwrap()[reads_before as usize..].to_vec();
+        offsets.sort_unstable();
+        let expected: Vec<u64> = [0, 3, 5, 9, 12, 15, 20].iter().map(|c| c * CS).collect();
+        assert_eq!(offsets, expected);
+        assert_eq!(s.stats().pulled_chunks, 8);
+        for c in [0, 3, 4, 5, 9, 12, 15, 20] {
+            assert!(s.is_local(Chunk(c)), "chunk {c}");
+        }
+        assert!(!s.is_local(Chunk(1)) && !s.is_local(Chunk(10)));
+        remote.fail_reads.store(true, Ordering::SeqCst);
+        let mut buf = vec![0u8; (3 * CS) as usize];
+        s.read_at(&mut buf, 3 * CS).unwrap();
+        assert_eq!(buf, data[(3 * CS) as usize..(6 * CS) as usize]);
+        let mut tail = vec![0u8; 99];
+        s.read_at(&mut tail, 20 * CS).unwrap();
+        assert_eq!(tail, data[(20 * CS) as usize..]);
+    }
+
+    #[test]
+    fn a_failed_batch_leaves_its_chunks_remote() {
+        let data = pattern(22, (8 * CS) as usize);
+        let remote = Arc::new(Probe::with_data(&data));
+        let s = stack(&remote);
+        remote.fail_reads.store(true, Ordering::SeqCst);
+        let err = s.pull_runs(&[1..2, 4..5, 6..8], 8, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("3 runs of chunks"), "{err}");
+        assert_eq!(s.local_chunks(), 0);
+        assert!((0..8).all(|c| !s.is_busy(Chunk(c))), "every claim was released");
+        remote.fail_reads.store(false, Ordering::SeqCst);
+        assert_eq!(s.pull_runs(&[1..2, 4..5, 6..8], 8, &mut Vec::new()).unwrap().0, 4);
+        assert_eq!(s.stats().pulled_chunks, 4);
     }
 
     #[test]

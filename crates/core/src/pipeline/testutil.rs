@@ -19,6 +19,8 @@ struct Gate {
 pub(crate) struct Probe {
     pub(crate) inner: Memory,
     pub(crate) reads: AtomicU64,
+    /// `read_many` calls (each also counts its ranges in `reads`).
+    pub(crate) batches: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) fail_reads: AtomicBool,
     pub(crate) fail_writes: AtomicBool,
@@ -37,6 +39,7 @@ impl Probe {
         Self {
             inner,
             reads: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             fail_reads: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
@@ -113,6 +116,14 @@ impl Backend for Probe {
         self.pass(&self.gate_reads);
         self.check(&self.fail_reads, "read")?;
         self.inner.read_at(buf, off)
+    }
+
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        for (off, buf) in reads.iter_mut() {
+            self.read_at(buf, *off)?;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
