@@ -448,6 +448,45 @@ fn a_failed_final_sync_leaves_the_destination_locked_and_can_be_retried() {
 }
 
 #[test]
+fn a_final_sync_whose_answer_is_lost_is_asked_for_again() {
+    let app_memory = Arc::new(random_memory(16));
+    let proxy: Arc<Mutex<Option<Proxy>>> = Arc::new(Mutex::new(None));
+    let (cutter, suspends) = (Arc::clone(&proxy), Arc::new(AtomicU64::new(0)));
+    let counted = Arc::clone(&suspends);
+    let hooks = SourceHooks {
+        // The link breaks while the source suspends: the answer to this sync never arrives.
+        before_sync: Some(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            cutter.lock().unwrap().as_ref().expect("the proxy").cut();
+            Ok(())
+        })),
+        ..SourceHooks::default()
+    };
+    let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, hooks).unwrap());
+    let server = serve(Arc::clone(&source));
+    let port = {
+        let p = Proxy::start(server.local_addr().unwrap());
+        let port = p.port;
+        *proxy.lock().unwrap() = Some(p);
+        port
+    };
+    let address = Address::Tcp { host: "127.0.0.1".into(), port };
+    let remote =
+        Arc::new(RemoteBackend::connect(address, ClientOptions::new(ClientSecurity::Plaintext)).unwrap());
+    let leecher =
+        Leecher::open(remote, Arc::new(Memory::new(SIZE)), options(), LeecherHooks::default()).unwrap();
+    leecher.precopy().unwrap();
+    source.write_at(&[7u8; 100], 5 << 20).unwrap();
+    let finalized = leecher.finalize().unwrap();
+    assert_eq!(finalized.dirty, vec![r3map_core::Chunk((5 << 20) / CHUNK)], "the lost answer, asked again");
+    assert_eq!(suspends.load(Ordering::SeqCst), 1, "the source suspended once");
+    leecher.wait().unwrap();
+    assert!(contents(&*leecher.backend()) == contents(&*app_memory));
+    leecher.close().unwrap();
+    assert_eq!(source.phase(), SourcePhase::Closed);
+}
+
+#[test]
 fn a_source_writing_faster_than_the_link_still_finishes() {
     use r3map_core::Delay;
     let app_memory = Arc::new(random_memory(17));

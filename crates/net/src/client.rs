@@ -8,8 +8,9 @@
 //!
 //! Reconnection: when a connection breaks, requests that had no answer yet are sent again on the
 //! next connection, in their original order, once it is up (reconnecting with exponential backoff).
-//! Everything but `sync` is safe to repeat (positional writes, trims and flushes are idempotent); a
-//! `sync` whose answer was lost fails, because the dirty set it carried is gone. Every request has a
+//! Every request is safe to repeat: positional writes, trims and flushes are idempotent, and the
+//! server keeps its last answers to `take_dirty` (numbered rounds) and `sync`, so a round or the
+//! final sync asked for again gets the chunk list it would have had. Every request has a
 //! deadline (`timeout`): a caller waits for the answer, through reconnections, until then, and gets
 //! `TimedOut` after, never stale or made-up data.
 
@@ -17,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
@@ -188,6 +189,9 @@ pub struct RemoteBackend {
     info: ExportInfo,
     conns: Vec<mpsc::UnboundedSender<Request>>,
     next: AtomicUsize,
+    /// Number of the last pre-copy round asked for (sent with DIRTY, so that a round asked for
+    /// again after a lost answer gets the same chunks).
+    round: AtomicU64,
     pool: Arc<BufPool>,
     timeout: Duration,
     runtime: Option<tokio::runtime::Runtime>,
@@ -314,6 +318,7 @@ impl RemoteBackend {
             info,
             conns,
             next: AtomicUsize::new(0),
+            round: AtomicU64::new(0),
             pool,
             timeout: target.options.timeout,
             runtime: Some(runtime),
@@ -516,7 +521,8 @@ impl Seeder for RemoteBackend {
     }
 
     fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
-        let payload = self.call(Op::Dirty, 0, 0)?;
+        let round = self.round.fetch_add(1, Ordering::SeqCst) + 1;
+        let payload = self.call(Op::Dirty, round, 0)?;
         Ok(proto::decode_chunks(&payload)?.into_iter().map(Chunk).collect())
     }
 
@@ -602,17 +608,7 @@ async fn connection(
             pending.lock().expect("pending lock").drain().map(|(_, r)| r).collect();
         unanswered.sort_by_key(|r| r.header.id);
         for r in unanswered.into_iter().rev() {
-            if r.header.op.is_repeatable() {
-                queue.push_front(r);
-            } else {
-                let op = r.header.op.name();
-                r.fail(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!(
-                        "the connection dropped before the server answered a {op}; its dirty set is lost"
-                    ),
-                ));
-            }
+            queue.push_front(r);
         }
         match end {
             SessionEnd::Closed if queue.is_empty() => return,

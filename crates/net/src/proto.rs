@@ -119,13 +119,6 @@ impl Op {
             Self::Dirty => "dirty",
         }
     }
-
-    /// Whether a request may be sent again after its connection dropped without a reply: true for
-    /// everything but `Sync` and `Dirty`, whose replies carry state the server has already cleared.
-    #[must_use]
-    pub fn is_repeatable(self) -> bool {
-        !matches!(self, Self::Sync | Self::Dirty)
-    }
 }
 
 /// The fixed header of a request frame.

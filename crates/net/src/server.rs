@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use r3map_core::{Capabilities, Seeder, SharedBackend};
@@ -41,12 +41,72 @@ pub struct Export {
     /// Chunk size announced to clients (a hint for their own chunking).
     pub chunk_size: u32,
     pub read_only: bool,
+    /// The last answers to the seeder operations, for a destination that asks again.
+    answers: Arc<Mutex<SeederAnswers>>,
+}
+
+/// What the seeder answered last, so that a destination whose connection dropped before the
+/// answer arrived can ask again and get the same chunk list (the source already cleared it).
+#[derive(Debug, Default)]
+struct SeederAnswers {
+    /// The last pre-copy round: its number (the request's `offset`) and its encoded chunk list.
+    round: Option<(u64, Vec<u8>)>,
+    /// The encoded answer of the final `sync`.
+    sync: Option<Vec<u8>>,
+}
+
+impl SeederAnswers {
+    /// TRACK: a new migration; its track runs under the lock so that nothing interleaves.
+    fn track(this: &Mutex<Self>, seeder: &dyn Seeder) -> io::Result<()> {
+        let mut answers = this.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        seeder.track()?;
+        *answers = Self::default();
+        Ok(())
+    }
+
+    /// DIRTY round `round`: a repeated round number gets the stored answer; round 0 (a client
+    /// that does not number its rounds) always takes a new set.
+    fn round(this: &Mutex<Self>, seeder: &dyn Seeder, round: u64) -> io::Result<Vec<u8>> {
+        let mut answers = this.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, payload)) = answers.round.as_ref().filter(|(n, _)| round != 0 && *n == round) {
+            tracing::info!(round, "migration: a pre-copy round was asked for again");
+            return Ok(payload.clone());
+        }
+        let payload = encode(&seeder.take_dirty()?);
+        answers.round = Some((round, payload.clone()));
+        Ok(payload)
+    }
+
+    /// SYNC: the first successful one suspends the source; later ones get the same answer
+    /// (nothing was written at the source since).
+    fn sync(this: &Mutex<Self>, seeder: &dyn Seeder) -> io::Result<Vec<u8>> {
+        let mut answers = this.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(payload) = &answers.sync {
+            tracing::info!("migration: the final sync was asked for again");
+            return Ok(payload.clone());
+        }
+        let payload = encode(&seeder.sync()?);
+        answers.sync = Some(payload.clone());
+        Ok(payload)
+    }
+}
+
+fn encode(chunks: &[r3map_core::Chunk]) -> Vec<u8> {
+    let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
+    proto::encode_chunks(&ids)
 }
 
 impl Export {
     /// A writable export with a chunk size of 64 KiB and no seeder.
     pub fn new(name: impl Into<String>, backend: SharedBackend) -> Self {
-        Self { name: name.into(), backend, seeder: None, chunk_size: 64 * 1024, read_only: false }
+        Self {
+            name: name.into(),
+            backend,
+            seeder: None,
+            chunk_size: 64 * 1024,
+            read_only: false,
+            answers: Arc::default(),
+        }
     }
 
     #[must_use]
@@ -475,15 +535,13 @@ fn execute(export: &Export, pool: &BufPool, h: RequestHeader, payload: Vec<u8>) 
         Op::WriteZeroes => writable()
             .and_then(|()| backend.write_zeroes(h.offset, u64::from(h.length)))
             .map(|()| (Vec::new(), false)),
-        Op::Track => seeder().and_then(|s| s.track()).map(|()| (Vec::new(), false)),
-        Op::Sync => seeder().and_then(|s| s.sync()).map(|chunks| {
-            let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
-            (proto::encode_chunks(&ids), false)
-        }),
-        Op::Dirty => seeder().and_then(|s| s.take_dirty()).map(|chunks| {
-            let ids: Vec<u64> = chunks.iter().map(|c| c.0).collect();
-            (proto::encode_chunks(&ids), false)
-        }),
+        Op::Track => {
+            seeder().and_then(|s| SeederAnswers::track(&export.answers, &**s)).map(|()| (Vec::new(), false))
+        }
+        Op::Sync => seeder().and_then(|s| SeederAnswers::sync(&export.answers, &**s)).map(|p| (p, false)),
+        Op::Dirty => {
+            seeder().and_then(|s| SeederAnswers::round(&export.answers, &**s, h.offset)).map(|p| (p, false))
+        }
         Op::Close => seeder().and_then(|s| s.close()).map(|()| (Vec::new(), false)),
         Op::Disconnect => Ok((Vec::new(), false)),
     };

@@ -227,7 +227,8 @@ fn seeder_operations_cross_the_network() {
     assert_eq!(client.take_dirty().unwrap(), vec![]);
     client.write_at(&[1u8; 5000], 4096 * 3).unwrap();
     assert_eq!(Seeder::sync(&client).unwrap(), vec![Chunk(3), Chunk(4)]);
-    assert_eq!(Seeder::sync(&client).unwrap(), vec![]);
+    // Asked again (as after an answer lost with its connection), the sync answers the same.
+    assert_eq!(Seeder::sync(&client).unwrap(), vec![Chunk(3), Chunk(4)]);
     client.close().unwrap();
 
     let plain = start(Arc::new(Memory::new(4096)), ServerSecurity::Plaintext, None);
@@ -292,6 +293,52 @@ fn read_error_reply(s: &mut TcpStream) -> (ReplyHeader, String) {
 fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
     matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+/// Sends one seeder request on a raw connection and returns the chunk list it answers.
+fn ask(s: &mut TcpStream, op: Op, offset: u64) -> Vec<u64> {
+    s.write_all(&RequestHeader { op, flags: 0, id: 9, offset, length: 0 }.encode()).unwrap();
+    let mut h = [0u8; REPLY_HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = ReplyHeader::decode(&h, 1 << 20).unwrap();
+    let mut payload = vec![0u8; h.length as usize];
+    s.read_exact(&mut payload).unwrap();
+    assert_eq!(h.status, 0, "{}: {}", op.name(), String::from_utf8_lossy(&payload));
+    proto::decode_chunks(&payload).unwrap()
+}
+
+#[test]
+fn a_round_or_sync_asked_for_again_gets_the_same_answer() {
+    let tracked = Arc::new(Tracked::new(Memory::new(1 << 20), 4096).unwrap());
+    let export = Export::new("default", tracked.clone()).with_seeder(tracked.clone()).with_chunk_size(4096);
+    let server = ServerHandle::start_tcp(
+        Server::new(ServerConfig::new(export, ServerSecurity::Plaintext)).unwrap(),
+        any_port(),
+    )
+    .unwrap();
+    let mut first = raw(&server);
+    assert_eq!(ask(&mut first, Op::Track, 0), Vec::<u64>::new());
+    tracked.write_at(&[1; 10], 0).unwrap();
+    assert_eq!(ask(&mut first, Op::Dirty, 1), vec![0]);
+    tracked.write_at(&[1; 10], 4096 * 5).unwrap();
+    // The answer to round 1 was lost with its connection: the destination asks again on another.
+    drop(first);
+    let mut second = raw(&server);
+    assert_eq!(ask(&mut second, Op::Dirty, 1), vec![0], "the same round, the same chunks");
+    assert_eq!(ask(&mut second, Op::Dirty, 2), vec![5], "the next round has what came after");
+    tracked.write_at(&[1; 10], 4096 * 7).unwrap();
+    // Round 0 is a client that does not number its rounds: always a new round.
+    assert_eq!(ask(&mut second, Op::Dirty, 0), vec![7]);
+    assert_eq!(ask(&mut second, Op::Dirty, 0), Vec::<u64>::new());
+    tracked.write_at(&[1; 10], 4096 * 9).unwrap();
+    assert_eq!(ask(&mut second, Op::Sync, 0), vec![9]);
+    let mut third = raw(&server);
+    assert_eq!(ask(&mut third, Op::Sync, 0), vec![9], "a repeated sync answers the same");
+    // A new migration starts afresh.
+    assert_eq!(ask(&mut third, Op::Track, 0), Vec::<u64>::new());
+    tracked.write_at(&[1; 10], 4096 * 2).unwrap();
+    assert_eq!(ask(&mut third, Op::Dirty, 1), vec![2]);
+    assert_eq!(ask(&mut third, Op::Sync, 0), Vec::<u64>::new());
 }
 
 #[test]
