@@ -351,7 +351,18 @@ impl RemoteBackend {
     }
 
     fn wait(&self, rx: &std_mpsc::Receiver<io::Result<Vec<u8>>>, op: Op) -> io::Result<Vec<u8>> {
-        match rx.recv_timeout(self.timeout) {
+        self.wait_until(rx, op, Instant::now() + self.timeout)
+    }
+
+    /// Waits for an answer until `deadline` (shared by the requests of one call, so that a call of
+    /// many requests waits `timeout` in all, not `timeout` for each).
+    fn wait_until(
+        &self,
+        rx: &std_mpsc::Receiver<io::Result<Vec<u8>>>,
+        op: Op,
+        deadline: Instant,
+    ) -> io::Result<Vec<u8>> {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(r) => r,
             Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -429,9 +440,10 @@ impl Backend for RemoteBackend {
                 waits.push((r, i * max, piece.len(), rx));
             }
         }
+        let deadline = Instant::now() + self.timeout;
         let mut first_error = None;
         for (r, start, len, rx) in waits {
-            match self.wait(&rx, Op::Read) {
+            match self.wait_until(&rx, Op::Read, deadline) {
                 Ok(data) if data.len() == len => {
                     reads[r].1[start..start + len].copy_from_slice(&data);
                     self.pool.put(data);
@@ -461,9 +473,10 @@ impl Backend for RemoteBackend {
             let length = u32::try_from(piece.len()).expect("pieces are at most max_request");
             waits.push(self.send(Op::Write, off + (i * max) as u64, length, payload)?);
         }
+        let deadline = Instant::now() + self.timeout;
         let mut result = Ok(());
         for rx in waits {
-            if let Err(e) = self.wait(&rx, Op::Write) {
+            if let Err(e) = self.wait_until(&rx, Op::Write, deadline) {
                 result = result.and(Err(e));
             }
         }
@@ -560,6 +573,10 @@ async fn connection(
                     Some(r) => queue.push_back(r),
                     None => return,
                 }
+            }
+            // Everything waiting counts for the deadlines, not only what has been taken so far.
+            while let Ok(r) = rx.try_recv() {
+                queue.push_back(r);
             }
             expire(&mut queue);
             if queue.is_empty() {

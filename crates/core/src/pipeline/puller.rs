@@ -24,7 +24,7 @@
 //! access may wait for a chunk a worker is pulling.
 //!
 //! Failures: a failed request is retried with exponential backoff; after `max_attempts` failures
-//! in a row the puller stops and [`Puller::wait`] returns the error. Reads through the
+//! in a row of one worker (no pull of its own succeeding in between) the puller stops and [`Puller::wait`] returns the error. Reads through the
 //! [`Synced`] layer keep pulling on demand either way.
 
 use std::collections::VecDeque;
@@ -114,7 +114,8 @@ pub struct PullerOptions {
     pub finalized: bool,
     /// Requests in flight at start (at most `depth`; `None` is `depth`); see [`Puller::set_depth`].
     pub initial_depth: Option<usize>,
-    /// Failures in a row, per request, before the puller gives up.
+    /// Failures in a row of one worker (with no successful pull in between) before the puller
+    /// gives up.
     pub max_attempts: u32,
     /// First retry delay; it doubles up to one second.
     pub retry_backoff: Duration,
@@ -517,6 +518,7 @@ fn worker(shared: &Arc<Shared>) {
     // full speed would otherwise delay the very reads it exists to speed up. Best effort.
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICENESS);
     let mut scratch = Vec::new();
+    let mut failures = Failures::new(shared);
     let mut q = shared.queue.lock().expect("puller queue lock");
     loop {
         if q.workers < q.limit.min(shared.depth) && !q.stop {
@@ -540,7 +542,7 @@ fn worker(shared: &Arc<Shared>) {
             Work::Run(runs) => {
                 q.in_flight += 1;
                 drop(q);
-                let result = pull_with_retries(shared, &runs, &mut scratch);
+                let result = pull_with_retries(shared, &runs, &mut scratch, &mut failures);
                 q = shared.queue.lock().expect("puller queue lock");
                 q.in_flight -= 1;
                 if let Err(e) = result {
@@ -553,27 +555,52 @@ fn worker(shared: &Arc<Shared>) {
     }
 }
 
-fn pull_with_retries(shared: &Shared, runs: &[Range<u64>], scratch: &mut Vec<u8>) -> io::Result<()> {
-    let mut backoff = shared.retry_backoff;
-    let mut attempt = 1;
+/// A worker's failed pulls since its last pull that fetched something.
+struct Failures {
+    in_a_row: u32,
+    backoff: Duration,
+}
+
+impl Failures {
+    fn new(shared: &Shared) -> Self {
+        Self { in_a_row: 0, backoff: shared.retry_backoff }
+    }
+}
+
+/// Pulls `runs`, retrying with backoff. The failures count per worker across work items, not per
+/// item: a failed item's chunks go back to the pool, and the retry may find them taken by another
+/// worker (nothing to do, which is neither a success nor a failure), so a count per item would
+/// never reach `max_attempts` while the workers trade the same dead chunks.
+fn pull_with_retries(
+    shared: &Shared,
+    runs: &[Range<u64>],
+    scratch: &mut Vec<u8>,
+    failures: &mut Failures,
+) -> io::Result<()> {
     loop {
         match shared.synced.pull_runs(runs, shared.max_chunks, scratch) {
             Ok((chunks, bytes)) => {
                 shared.pulled_chunks.fetch_add(chunks, Ordering::Relaxed);
                 shared.pulled_bytes.fetch_add(bytes, Ordering::Relaxed);
+                if chunks > 0 {
+                    *failures = Failures::new(shared);
+                }
                 return Ok(());
             }
-            Err(e) if attempt < shared.max_attempts => {
+            Err(e) => {
+                failures.in_a_row += 1;
+                let attempt = failures.in_a_row;
+                if attempt >= shared.max_attempts {
+                    return Err(e);
+                }
                 tracing::warn!(error = %e, attempt, "background pull failed; retrying");
                 shared.retries.fetch_add(1, Ordering::Relaxed);
                 if shared.queue.lock().expect("puller queue lock").stop {
                     return Ok(());
                 }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                attempt += 1;
+                std::thread::sleep(failures.backoff);
+                failures.backoff = (failures.backoff * 2).min(Duration::from_secs(1));
             }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -784,6 +811,21 @@ mod tests {
         assert!(err.to_string().contains("failed on purpose"), "{err}");
         assert!(puller.progress().failed.is_some());
         assert!(!synced.is_complete());
+    }
+
+    #[test]
+    fn many_workers_trading_dead_chunks_still_give_up() {
+        // Many more workers than chunks: while a worker waits to retry its failed request, an
+        // idle one picks the chunks up, and the owner's retry finds nothing to do.
+        let (remote, synced) = setup(&pattern(11, (2 * CS) as usize));
+        remote.fail_reads.store(true, Ordering::SeqCst);
+        *remote.latency.lock().unwrap() = Duration::from_millis(5);
+        let options =
+            PullerOptions { max_attempts: 3, retry_backoff: Duration::from_millis(150), ..opts(16, CS) };
+        let puller = Puller::start(Arc::clone(&synced), options).unwrap();
+        let ended = puller.wait_timeout(Some(Duration::from_secs(20)));
+        let err = ended.expect_err("the puller gave up");
+        assert!(err.to_string().contains("failed on purpose"), "{err}");
     }
 
     #[test]
