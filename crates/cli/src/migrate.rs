@@ -4,7 +4,8 @@
 //! operations) and exits once a destination has finished with it. `leech` is the destination: it
 //! pulls the source into a local backend while the source keeps running, runs rounds of
 //! iterative pre-copy, finalizes (the source suspends; the chunks it wrote last are queued first)
-//! and prints the downtime, then waits until everything is local and releases the source.
+//! and prints the downtime, then waits until everything is local and releases the source; with
+//! `--then-seed` it then serves the resource as the source of the next hop.
 
 use std::io::Write as _;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ pub enum Command {
     /// the source wrote meanwhile until that stops shrinking. Finalize: the source suspends and
     /// sends the chunks it wrote last; the local copy is usable from then on (the downtime is
     /// printed) while those chunks arrive. When everything is local the source is released.
-    Leech(LeechArgs),
+    Leech(Box<LeechArgs>),
 }
 
 /// The flags of `r3map migrate seed`.
@@ -74,6 +75,17 @@ pub struct LeechArgs {
     /// Largest pull request.
     #[arg(long, default_value = "4MiB", value_parser = parse_size, value_name = "SIZE")]
     pub pull_request: u64,
+    /// Once the resource is here, serve it as the source of the next hop (A → B → C) on ADDR
+    /// (HOST:PORT or :PORT), as `r3map migrate seed LOCAL-URL --listen ADDR` would, without
+    /// reopening it; exit once the next destination has taken over. The server flags below
+    /// (TLS, token, metrics, gRPC) apply to it; they are checked before the migration starts.
+    #[arg(long, value_name = "ADDR")]
+    pub then_seed: Option<String>,
+    /// The export name of --then-seed.
+    #[arg(long, default_value = "default", value_name = "NAME", requires = "then_seed")]
+    pub export: String,
+    #[command(flatten)]
+    pub next_hop: serve::CommonArgs,
 }
 
 fn percent(s: &str) -> Result<f64, String> {
@@ -114,6 +126,38 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// The server of `--then-seed`, its flags checked (so that a bad flag fails before the migration,
+/// not after it).
+fn next_hop(args: &LeechArgs, chunk_size: u64) -> anyhow::Result<Option<serve::Config>> {
+    let Some(listen) = &args.then_seed else {
+        let hop = &args.next_hop;
+        let sec = &hop.security;
+        if hop.metrics.is_some()
+            || hop.grpc.is_some()
+            || sec.tls_cert.is_some()
+            || sec.token.is_some()
+            || sec.token_file.is_some()
+            || sec.insecure_plaintext
+        {
+            bail!("the server flags (TLS, token, metrics, gRPC) are for the next hop: add --then-seed ADDR");
+        }
+        return Ok(None);
+    };
+    args.next_hop.security.resolve(true).context("--then-seed")?;
+    Ok(Some(serve::Config {
+        listen: Some(listen.clone()),
+        unix: None,
+        export: args.export.clone(),
+        read_only: false,
+        chunk_size,
+        chunking: false,
+        seeder: true,
+        migration: serve::MigrationOptions { exit_when_closed: true, invalidate_percent: None },
+        nbd: serve::NbdArgs::default(),
+        common: args.next_hop.clone(),
+    }))
+}
+
 fn leech(args: &LeechArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let remote = Arc::new(
@@ -121,7 +165,9 @@ fn leech(args: &LeechArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot reach the source {}", args.source))?,
     );
     let size = remote.size();
-    let options = OpenOptions { read_only: false, chunk_size: r3map_core::Seeder::chunk_size(&*remote) };
+    let chunk_size = r3map_core::Seeder::chunk_size(&*remote);
+    let then_seed = next_hop(args, chunk_size)?;
+    let options = OpenOptions { read_only: false, chunk_size };
     let local = backend_url::open(&args.local, &options)?;
     if local.backend.size() != size {
         bail!(
@@ -205,5 +251,11 @@ fn leech(args: &LeechArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64(),
         human(pulled),
     );
-    Ok(())
+    match then_seed {
+        // The next hop: the same open backend, served as a migration source.
+        Some(config) => serve::run(&config, move || {
+            Ok(backend_url::Opened { backend: local_backend, description: local.description })
+        }),
+        None => Ok(()),
+    }
 }
