@@ -34,9 +34,13 @@ pub enum Command {
     /// Pull a migration source into a local backend, finalize, and take the resource over.
     ///
     /// Pre-copy: everything is pulled while the source keeps running, then rounds pull again what
-    /// the source wrote meanwhile until that stops shrinking. Finalize: the source suspends and
-    /// sends the chunks it wrote last; the local copy is usable from then on (the downtime is
-    /// printed) while those chunks arrive. When everything is local the source is released.
+    /// the source wrote meanwhile until that shrinks by less than a tenth. Finalize: the source
+    /// suspends and sends the chunks it wrote last; the local copy is usable from then on (the
+    /// downtime is printed) while those chunks arrive. When everything is local the source is
+    /// released (and, with --then-seed, the copy is served to the next hop).
+    ///
+    /// If the source fails before finalize, the source's application is unaffected and this exits
+    /// with an error; a dropped link is reconnected in any phase.
     Leech(Box<LeechArgs>),
 }
 

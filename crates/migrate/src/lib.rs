@@ -7,7 +7,8 @@
 //!   calls, so the source never dials out.
 //! - **Destination** ([`Leecher`]): asks the source to track writes, pulls everything in the
 //!   background (pre-copy) while the application still runs at the source, then in rounds pulls
-//!   again what was written meanwhile ([`Leecher::precopy`]) until that stops shrinking. Then
+//!   again what was written meanwhile ([`Leecher::precopy`]; a round's scattered chunks go in
+//!   batches of reads sent together) until the set shrinks by less than a tenth. Then
 //!   [`Leecher::finalize`]: the source suspends the application (its hook) and sends the chunks
 //!   written since the last round; they are marked remote and queued first, and the destination
 //!   unlocks. The application resumes at the destination while the rest arrives in the
@@ -26,10 +27,18 @@
 //! destination. The Go r3map's gRPC seeder services work through [`Leecher::open_parts`]. The CLI
 //! is `r3map migrate`; the benchmark `cargo bench -p r3map-migrate --bench migrate`.
 //!
-//! Not yet: a lost reply to the final `sync` (or to a round) cannot be repeated and fails the
-//! migration; the dirty chunks of a round are re-pulled one request per run of adjacent chunks,
-//! which over a link with a long round trip keeps rounds from converging (see
-//! docs/benchmarks.md).
+//! What happens when the source or the link fails, phase by phase (the CLI prints the same):
+//! - **Opening, pre-copy**: [`Leecher::open`] or [`Leecher::precopy`] fails with the error; the
+//!   destination never unlocked, and the source's application runs on, unaffected.
+//! - **Finalize**: a `sync` that fails (the source's hook refused, the source died) leaves the
+//!   destination locked and [`Leecher::finalize`] may be called again. A `sync` whose answer is
+//!   lost with the connection is asked for again after reconnecting and gets the same chunks:
+//!   the server keeps its last answers to a round and to the sync (over the native protocol;
+//!   the Go r3map's gRPC services have no way to ask again).
+//! - **Post-copy**: a dropped link is reconnected and the pull continues (the source keeps its
+//!   state until `close`). A source gone for good makes the pull give up after
+//!   `max_attempts` failures in a row and [`Leecher::wait`] return the error; local chunks keep
+//!   serving, and reads of chunks still remote fail with the error, never with zeroes.
 
 mod leecher;
 mod source;
