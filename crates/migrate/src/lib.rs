@@ -14,6 +14,9 @@
 //!   unlocks. The application resumes at the destination while the rest arrives in the
 //!   background and on demand (post-copy). When everything is local, [`Leecher::close`] releases
 //!   the source and hands over the local backend, which can be the source of the next hop.
+//! - **One step** ([`Migrator`]): a leecher whose application uses a [`Source`] over the
+//!   leecher's view from the start, so that after the post-copy the same backend is exported to
+//!   the next hop with no swap under the application (A → B → C).
 //!
 //! Guarantees:
 //! - The destination never serves a stale chunk: its view is locked until finalize, and every
@@ -41,7 +44,9 @@
 //!   serving, and reads of chunks still remote fail with the error, never with zeroes.
 
 mod leecher;
+mod migrator;
 mod source;
 
 pub use leecher::{DirtyHook, Finalized, Leecher, LeecherHooks, LeecherOptions, Round, SeederRemote};
+pub use migrator::{LeecherView, Migrator};
 pub use source::{Source, SourceHook, SourceHooks, SourcePhase};

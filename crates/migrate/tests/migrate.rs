@@ -1,6 +1,6 @@
 //! Migrations over the native protocol on loopback: a writer keeps changing the source during
 //! pre-copy, and the destination must end up equal to the source's final content; a source that
-//! dies before finalize; a chain A → B → C.
+//! dies before finalize; a chain A → B → C, by hand and with the one-step `Migrator`.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use r3map_core::pipeline::puller::PullerOptions;
 use r3map_core::{Backend, Memory, SharedBackend};
-use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions, Source, SourceHooks, SourcePhase};
+use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions, Migrator, Source, SourceHooks, SourcePhase};
 use r3map_net::client::Address;
 use r3map_net::{
     ClientOptions, ClientSecurity, Export, RemoteBackend, Server, ServerConfig, ServerHandle, ServerSecurity,
@@ -222,6 +222,63 @@ fn a_chain_a_to_b_to_c() {
     assert!(contents(&*c.backend()) == expected);
     c.close().unwrap();
     assert_eq!(b_source.phase(), SourcePhase::Closed);
+}
+
+#[test]
+fn a_chain_with_one_backend_for_the_application_at_each_hop() {
+    let a_memory = Arc::new(random_memory(17));
+    let a = Arc::new(Source::new(Arc::clone(&a_memory), CHUNK, SourceHooks::default()).unwrap());
+    let a_server = serve(Arc::clone(&a));
+    let suspended_at_b = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&suspended_at_b);
+    let next = SourceHooks {
+        before_sync: Some(Box::new(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })),
+        ..SourceHooks::default()
+    };
+    let b = Migrator::leech(
+        connect(&a_server, Duration::from_secs(30)),
+        Arc::new(Memory::new(SIZE)),
+        options(),
+        LeecherHooks::default(),
+        next,
+    )
+    .unwrap();
+    // The application at B has its backend from the start; it is locked until finalize.
+    let app_b = b.backend();
+    a.write_at(&[0xaa; 100], 4096).unwrap();
+    b.leecher().precopy().unwrap();
+    b.leecher().finalize().unwrap();
+    app_b.write_at(&[0xbb; 4096], 8192).unwrap();
+    let b_source = b.seed().unwrap();
+    assert_eq!(a.phase(), SourcePhase::Closed, "A was released");
+    assert!(Arc::ptr_eq(&b_source, &app_b), "the next hop's source is the application's backend");
+    let mut expected = contents(&*a_memory);
+    expected[8192..8192 + 4096].fill(0xbb);
+    assert!(contents(&*app_b) == expected);
+
+    let b_server = serve(Arc::clone(&b_source));
+    let c = Migrator::leech(
+        connect(&b_server, Duration::from_secs(30)),
+        Arc::new(Memory::new(SIZE)),
+        options(),
+        LeecherHooks::default(),
+        SourceHooks::default(),
+    )
+    .unwrap();
+    // The application at B writes on while C copies, through the same backend.
+    app_b.write_at(&[0xcc; 10], SIZE - 10).unwrap();
+    c.leecher().precopy().unwrap();
+    app_b.write_at(&[0xdd; 3], 5 << 20).unwrap();
+    c.leecher().finalize().unwrap();
+    expected[usize::try_from(SIZE).unwrap() - 10..].fill(0xcc);
+    expected[5 << 20..(5 << 20) + 3].fill(0xdd);
+    assert!(contents(&*c.backend()) == expected);
+    c.seed().unwrap();
+    assert_eq!(b_source.phase(), SourcePhase::Closed, "B was released");
+    assert_eq!(suspended_at_b.load(Ordering::SeqCst), 1, "B's application was suspended once");
 }
 
 /// A TCP proxy whose connections can be cut, to break the link between the two hosts.
