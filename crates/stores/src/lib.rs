@@ -11,3 +11,10 @@
 mod stored;
 
 pub use stored::{ChunkStore, MemoryStore, Stored, StoredOptions};
+
+#[cfg(feature = "cassandra")]
+pub mod cassandra;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "s3")]
+pub mod s3;

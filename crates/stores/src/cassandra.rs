@@ -1,0 +1,1 @@
+//! The cassandra store (being written).
