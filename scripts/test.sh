@@ -16,6 +16,9 @@ command -v nbdfuse >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
 command -v qemu-io >/dev/null 2>&1 || need_pkgs+=(qemu-utils)
 command -v fio >/dev/null 2>&1 || need_pkgs+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
+# The stores' integration tests start their own redis-server; moto (below) needs a venv.
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_pkgs[*]}"
@@ -25,6 +28,21 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     echo "missing ${need_pkgs[*]}; some privileged tests will be skipped" >&2
   fi
 fi
+
+# Debian starts a redis-server service on install; the tests start their own on free ports.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+  systemctl stop redis-server || true
+fi
+
+# An S3-compatible server for the S3 store's tests: moto, in a venv of its own. The tests look for
+# it in $R3MAP_MOTO_SERVER, then in this venv, then on PATH.
+moto_dir="${R3MAP_MOTO_DIR:-$HOME/.cache/r3map/moto}"
+if [ ! -x "$moto_dir/bin/moto_server" ]; then
+  log "installing moto (S3-compatible test server) in $moto_dir"
+  python3 -m venv "$moto_dir"
+  "$moto_dir/bin/pip" install -q 'moto[server]'
+fi
+export R3MAP_MOTO_SERVER="$moto_dir/bin/moto_server"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"

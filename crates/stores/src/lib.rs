@@ -8,8 +8,10 @@
 //! reads as zeroes), writes whole chunks directly and partial ones by read-modify-write under a
 //! per-chunk lock, and deletes whole chunks for `trim`.
 
+mod open;
 mod stored;
 
+pub use open::{SCHEMES, is_store_url, open, parse_size};
 pub use stored::{ChunkStore, MemoryStore, Stored, StoredOptions};
 
 #[cfg(feature = "cassandra")]
