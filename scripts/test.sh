@@ -62,6 +62,7 @@ cargo bench --locked -p r3map-mount --bench mount -- --quick
 cargo bench --locked -p r3map-region --bench region -- --quick
 cargo bench --locked -p r3map-nbd --bench nbd -- --quick
 cargo bench --locked -p r3map-migrate --bench migrate -- --quick
+cargo bench --locked -p r3map-stores --bench stores -- --quick
 
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -41,6 +41,13 @@
 //! | `nbds://HOST[:PORT]/[EXPORT]?ca=PATH[&cert=PATH&key=PATH]` | the same with the CA (and client certificate and key) as PEM files, as `r3map://` takes them |
 //! | `nbds+unix:///[EXPORT]?socket=PATH&tls-certificates=DIR` | TLS on a Unix socket (the certificate is checked for `localhost`) |
 //!
+//! # Stores (one key, object or row per chunk; `size=SIZE` required, `chunk-size=SIZE` defaults to the caller's, `max-batch=N` chunks per request)
+//! | URL | Backend |
+//! |---|---|
+//! | `redis://[USER:PASS@]HOST[:PORT][/DB]?size=SIZE[&prefix=P]` | Redis keys `{prefix}{chunk}` (prefix `r3map:` by default); `rediss://` for TLS (`ca=PATH`), `redis+unix:///PATH?db=N` for a socket |
+//! | `s3://BUCKET[/PREFIX]?size=SIZE[&endpoint=URL&region=R&access-key-id=K&secret-access-key=S&create-bucket=true]` | S3 objects `PREFIX/{chunk}`; credentials and region from the environment unless given |
+//! | `cassandra://[USER:PASS@]HOST[:PORT][,HOST...]?size=SIZE[&keyspace=K&table=T&prefix=P]` | Cassandra or ScyllaDB rows; `cassandrasecure://` for TLS (`ca=PATH`) |
+//!
 //! NBD URIs take `connections=N` (used when the server allows several) and `timeout=SECONDS`;
 //! `nbds` URIs also `tls-hostname=NAME` (the name the server's certificate is checked against).
 //! TLS needs a CA (the system's trusted roots are not used) and always verifies the server's
@@ -103,7 +110,8 @@ const FORMS: &str = "use memory:SIZE, file:///PATH[?size=SIZE[&truncate=true]], 
                      dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N], an r3map server \
                      (r3map://, r3map+plain://, r3map+unix://), grpc://HOST:PORT?size=SIZE or an NBD \
                      server (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds:// and \
-                     nbds+unix:// with ?tls-certificates=DIR)";
+                     nbds+unix:// with ?tls-certificates=DIR), or a store (redis://HOST/DB?size=SIZE, \
+                     s3://BUCKET/PREFIX?size=SIZE, cassandra://HOST?size=SIZE)";
 
 /// A URL without its query (which may hold a token).
 fn remote_name(url: &str) -> &str {
@@ -182,8 +190,11 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
             let description = nbd_description(&remote);
             Ok(Opened { backend: Arc::new(remote), description })
         }
-        "redis" | "rediss" => bail!("Redis backends are not supported yet"),
-        "s3" | "http" | "https" => bail!("S3 backends are not supported yet"),
+        "redis" | "rediss" | "redis+unix" | "s3" | "cassandra" | "cassandrasecure" => {
+            let stored = r3map_stores::open(url, options.chunk_size)?;
+            let description = stored.store().describe();
+            Ok(Opened { backend: Arc::new(stored), description })
+        }
         other => bail!("unknown backend type '{other}'; {FORMS}"),
     }
 }

@@ -23,8 +23,10 @@ pub struct Args {
     /// What to map: an r3map server (`r3map://HOST:PORT/EXPORT?ca=PATH&token=T`,
     /// `r3map+plain://HOST:PORT/EXPORT`, `r3map+unix:///EXPORT?socket=PATH`), a gRPC server
     /// (`grpc://HOST:PORT?size=SIZE`), an NBD server (`nbd://HOST[:PORT]/EXPORT`,
-    /// `nbd+unix:///EXPORT?socket=PATH`: nbdkit, qemu-nbd, `r3map serve --nbd`), or a local
-    /// backend (`file:///PATH`, `memory:SIZE`, ...).
+    /// `nbd+unix:///EXPORT?socket=PATH`: nbdkit, qemu-nbd, `r3map serve --nbd`), a store
+    /// (`redis://HOST:PORT/DB?size=SIZE&prefix=P`, `s3://BUCKET/PREFIX?size=SIZE&endpoint=URL`,
+    /// `cassandra://HOST:PORT?size=SIZE&keyspace=K`: one key, object or row per chunk), or a
+    /// local backend (`file:///PATH`, `memory:SIZE`, ...).
     #[arg(value_name = "BACKEND-URL", verbatim_doc_comment)]
     pub remote: String,
     /// Chunk size: what one fault fetches, and the unit of pulling, pushing and write tracking.

@@ -55,6 +55,10 @@ pub struct Args {
     /// `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an export of another NBD
     /// server (nbdkit, qemu-nbd, ...), served on (a protocol gateway); remote r3map and gRPC
     /// URLs work the same way.
+    /// `redis://HOST[:PORT][/DB]?size=SIZE[&prefix=P]`, `s3://BUCKET/PREFIX?size=SIZE[&endpoint=URL]`,
+    /// `cassandra://HOST[:PORT]?size=SIZE[&keyspace=K&table=T]`: a store, one key, object or row
+    /// per chunk (chunk size from --chunk-size; credentials in the URL or, for S3, the
+    /// environment).
     #[arg(value_name = "BACKEND-URL", verbatim_doc_comment)]
     pub backend: String,
     /// TCP address to listen on: HOST:PORT, `[IPV6]:PORT`, or :PORT for every interface. Defaults
@@ -446,7 +450,9 @@ async fn serve(
         None => None,
     };
 
-    let opened = open_backend()?;
+    // Outside the runtime's context: client backends (stores, remote servers) run runtimes of
+    // their own, which cannot be started from inside this one.
+    let opened = tokio::task::block_in_place(open_backend)?;
     let description = opened.description.clone();
     let migration_closed = Arc::new(tokio::sync::Notify::new());
     let (export, summary) = export(config, opened, chunk_size, &migration_closed)?;

@@ -848,3 +848,66 @@ fn an_nbd_export_is_mounted_through_its_url() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("fail"), "{text}");
 }
+
+/// A `redis-server` on a free port, killed when dropped; `None` when it is not installed.
+struct Redis(Child, u16);
+
+impl Redis {
+    fn start(dir: &Path) -> Option<Self> {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let redis = Self(child, port);
+        let deadline = Instant::now() + STARTUP;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(redis)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_redis_store_is_served_and_outlives_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = Redis::start(dir.path()) else {
+        return println!("skipped: redis-server not installed (scripts/test.sh installs it)");
+    };
+    let url = format!("redis://127.0.0.1:{}/0?size=2MiB&prefix=cli:", redis.1);
+    let socket = dir.path().join("r3map.sock").display().to_string();
+    let mut server = Proc::start(R3MAP, &["serve", &url, "--unix", &socket], dir.path(), &[]);
+    assert!(server.ready.contains("redis://127.0.0.1"), "{}", server.ready);
+    let client = RemoteBackend::open(&format!("r3map+unix:///default?socket={socket}")).unwrap();
+    assert_eq!(client.size(), 2 << 20);
+    let (off, data) = round_trip(&client, 11);
+    drop(client);
+    server.interrupt();
+    assert!(server.wait(Duration::from_secs(20)).success());
+    // The data lives in Redis: a new server of the same URL serves it.
+    let mut again = Proc::start(R3MAP, &["serve", &url, "--unix", &socket], dir.path(), &[]);
+    let client = RemoteBackend::open(&format!("r3map+unix:///default?socket={socket}")).unwrap();
+    let mut back = vec![0u8; data.len()];
+    client.read_at(&mut back, off).unwrap();
+    assert!(back == data, "the second server read other data");
+    drop(client);
+    again.interrupt();
+    assert!(again.wait(Duration::from_secs(20)).success());
+    // An unreachable store fails at once, with the URL in the message.
+    let dead = format!("redis://127.0.0.1:{}/0?size=1MiB", free_port());
+    let out = run(R3MAP, &["serve", &dead, "--unix", &socket]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the backend") && err.contains("127.0.0.1"), "{err}");
+}

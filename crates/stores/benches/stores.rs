@@ -7,10 +7,11 @@
 //!
 //! - **Backends**: `Memory` and a `File` (in the page cache: its reads are memory copies plus a
 //!   system call) as baselines; the in-memory `MemoryStore` through `Stored` (what splitting into
-//!   chunks and batching costs by itself); Redis (`redis-server`, started by the benchmark on
-//!   loopback, no persistence) and S3 (moto, the S3-compatible server the tests use, started by
-//!   the benchmark on loopback), each through `r3map_stores::open` with 64 KiB chunks. A store
-//!   whose server is not installed is skipped with a note.
+//!   chunks and batching costs by itself); Redis (`redis-server`, no persistence) and S3 on two
+//!   S3-compatible servers: s3s-fs (a Rust server over a directory) and moto (the Python server
+//!   the tests use, far slower), each started by the benchmark on loopback and reached through
+//!   `r3map_stores::open` with 64 KiB chunks. A store whose server is not installed is skipped
+//!   with a note; `scripts/bench-stores.sh` installs s3s-fs and runs this benchmark.
 //! - **First chunk**: a fresh `Synced` layer over the backend (as a managed mount starts), one
 //!   4 KiB read at a chunk never read before, so it pulls one chunk from the store: the median of
 //!   21 such reads at different chunks, in ms.
@@ -25,9 +26,6 @@
 // Benchmark sizes fit in memory and figures are printed as floats.
 #![allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,65 +41,8 @@ const CHUNK: u64 = 64 * KIB;
 const REQUEST: u64 = 4 * MIB;
 const DEPTH: usize = 16;
 
-/// A server process the benchmark started; killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start listening on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_redis(dir: &std::path::Path) -> Option<(Server, u16)> {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Server(child);
-    wait_for_port(port, "redis-server");
-    Some((server, port))
-}
-
-fn moto_program() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("R3MAP_MOTO_SERVER").map(PathBuf::from),
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/r3map/moto/bin/moto_server")),
-    ];
-    candidates.into_iter().flatten().find(|p| p.is_file()).or_else(|| {
-        Command::new("moto_server").arg("--help").output().ok().map(|_| PathBuf::from("moto_server"))
-    })
-}
-
-fn start_moto() -> Option<(Server, u16)> {
-    let port = free_port();
-    let child = Command::new(moto_program()?)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let server = Server(child);
-    wait_for_port(port, "moto_server");
-    Some((server, port))
-}
+#[path = "../tests/servers/mod.rs"]
+mod servers;
 
 fn mbps(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e6
@@ -244,21 +185,25 @@ fn main() {
     row("`Stored` over `MemoryStore`", &(Arc::new(store) as SharedBackend));
 
     let mut notes = Vec::new();
-    match start_redis(dir.path()) {
-        Some((_server, port)) => {
-            row("Redis", &open_store(&format!("redis://127.0.0.1:{port}/0?size={size}")));
+    match servers::redis() {
+        Some(server) => {
+            row("Redis", &open_store(&format!("redis://127.0.0.1:{}/0?size={size}", server.port)));
         }
         None => notes.push("Redis: skipped, redis-server is not installed (scripts/test.sh installs it)"),
     }
-    match start_moto() {
-        Some((_server, port)) => {
-            let url = format!(
-                "s3://bench/data?endpoint=http://127.0.0.1:{port}&region=us-east-1&access-key-id=bench\
-                 &secret-access-key=bench&create-bucket=true&size={size}"
-            );
-            row("S3 (moto)", &open_store(&url));
+    match servers::s3s_fs() {
+        Some(server) => {
+            row("S3 (s3s-fs)", &open_store(&servers::s3_url(&server, "bench", "data", "r3map", size)));
         }
-        None => notes.push("S3: skipped, moto_server is not installed (scripts/test.sh installs it)"),
+        None => {
+            notes.push("S3 (s3s-fs): skipped, s3s-fs is not installed (scripts/bench-stores.sh installs it)");
+        }
+    }
+    match servers::moto() {
+        Some(server) => {
+            row("S3 (moto)", &open_store(&servers::s3_url(&server, "bench", "data", "bench", size)));
+        }
+        None => notes.push("S3 (moto): skipped, moto_server is not installed (scripts/test.sh installs it)"),
     }
     for n in notes {
         println!("\n{n}");
