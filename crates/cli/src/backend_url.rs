@@ -530,8 +530,10 @@ mod tests {
 
     #[test]
     fn other_schemes() {
-        assert!(err("redis://localhost:6379/0").contains("Redis backends are not supported yet"));
-        assert!(err("s3://bucket/prefix").contains("S3 backends are not supported yet"));
+        // Stores need their size, and say so before connecting anywhere.
+        assert!(err("redis://localhost:6379/0").contains("?size=SIZE"));
+        assert!(err("s3://bucket/prefix").contains("?size=SIZE"));
+        assert!(err("cassandra://a:9042,b:9043?keyspace=k").contains("?size=SIZE"));
         let e = err("ftp://example.com/x");
         assert!(e.contains("unknown backend type 'ftp'") && e.contains("memory:SIZE"), "{e}");
         assert!(err("nonsense").contains("not a backend URL"));
