@@ -66,3 +66,11 @@ cargo bench --locked -p r3map-stores --bench stores -- --quick
 
 log "tests"
 cargo nextest run --workspace --locked --no-fail-fast
+
+# Kernel paths this host lacks (nbd.ko): Debian's kernel under QEMU's software emulation.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  log "kernel-path tests in a VM"
+  bash scripts/vm/run.sh
+else
+  echo "skipped the VM tests: they need root and apt-get (to fetch Debian's kernel and QEMU)" >&2
+fi

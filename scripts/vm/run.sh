@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Boots Debian's own kernel under QEMU's software emulation and runs kernel-path tests inside it
+# (this host kernel has no nbd.ko; Debian's kernel package has). Prints one PASS/FAIL line per
+# test and exits non-zero if any failed or gave no result.
+#
+#   bash scripts/vm/run.sh                 # every test in scripts/vm/tests
+#   bash scripts/vm/run.sh nbd-client-ext4 # some of them
+#
+# Nothing is installed on the host: the kernel, QEMU, busybox, cpio and nbd-client packages are
+# fetched with `apt-get download` and unpacked into a cache ($R3MAP_VM_CACHE, by default
+# ~/.cache/r3map/vm); QEMU runs from there. (Installing qemu-system-x86 would replace a newer
+# preinstalled qemu-utils, whose qemu-io, qemu-img and qemu-nbd the NBD tests use.) The initramfs
+# holds busybox, nbd.ko, the r3map binary (built here, stripped), the programs the tests call and
+# their shared libraries.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+
+cache="${R3MAP_VM_CACHE:-$HOME/.cache/r3map/vm}"
+mkdir -p "$cache"
+
+# The current kernel package: its version follows Debian's updates, so it is discovered.
+kernel_pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+if [ -z "$kernel_pkg" ]; then
+  apt-get update -qq
+  kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+fi
+tools=(qemu-system-x86 qemu-system-common qemu-system-data seabios libcapstone4 libfdt1 libslirp0
+  libvdeplug2 busybox-static cpio nbd-client libnl-3-200 libnl-genl-3-200)
+stamp="$cache/ready-$kernel_pkg"
+if [ ! -e "$stamp" ]; then
+  echo "==> fetching $kernel_pkg and the VM's tools into $cache"
+  rm -rf "$cache/debs" "$cache/root" "$cache/kernel" "$cache"/ready-*
+  mkdir -p "$cache/debs"
+  # apt-get download as root warns that its sandbox user cannot write here; harmless.
+  (cd "$cache/debs" && apt-get download "$kernel_pkg" "${tools[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+  for deb in "$cache"/debs/*.deb; do
+    case "$(basename "$deb")" in
+      linux-image-*) dpkg -x "$deb" "$cache/kernel" ;;
+      *) dpkg -x "$deb" "$cache/root" ;;
+    esac
+  done
+  rm -rf "$cache/debs"
+  touch "$stamp"
+fi
+root="$cache/root"
+vmlinuz=$(ls "$cache"/kernel/boot/vmlinuz-* | head -1)
+modules=$(ls -d "$cache"/kernel/lib/modules/* | head -1)
+
+echo "==> building r3map"
+cargo build --quiet --bin r3map
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+init="$work/initrd"
+mkdir -p "$init"/{bin,sbin,proc,sys,dev,tmp,mnt,tests,lib/modules}
+cp "$root/bin/busybox" "$init/bin/"
+for applet in $("$init/bin/busybox" --list); do
+  [ -e "$init/bin/$applet" ] || ln -s busybox "$init/bin/$applet"
+done
+# Modules, in the order they are loaded (each after what it needs); nbd with 8 devices.
+for m in lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko \
+  drivers/block/loop.ko drivers/block/nbd.ko net/sched/sch_netem.ko; do
+  cp "$modules/kernel/$m" "$init/lib/modules/"
+  echo "$(basename "$m")" >> "$init/lib/modules/order"
+done
+strip --strip-debug -o "$init/bin/r3map" "$repo/target/debug/r3map"
+cp "$root/sbin/nbd-client" "$init/sbin/"
+cp /sbin/mke2fs "$init/sbin/mkfs.ext4"
+# Shared libraries of every program copied, at the same paths (the loader among them).
+# Libraries the host lacks come from the unpacked packages; they go to the standard paths.
+unpacked_libs="$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu"
+for prog in "$init/bin/r3map" "$init/sbin/nbd-client" "$init/sbin/mkfs.ext4"; do
+  if LD_LIBRARY_PATH="$unpacked_libs" ldd "$prog" | grep -q 'not found'; then
+    echo "missing libraries for $prog:" >&2
+    LD_LIBRARY_PATH="$unpacked_libs" ldd "$prog" | grep 'not found' >&2
+    exit 1
+  fi
+  LD_LIBRARY_PATH="$unpacked_libs" ldd "$prog" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}' |
+    while read -r lib; do
+      dest="${lib#"$root"}"
+      mkdir -p "$init$(dirname "$dest")"
+      cp -L "$lib" "$init$dest"
+    done
+done
+
+# The tests to run.
+if [ $# -eq 0 ]; then
+  mapfile -t names < <(cd scripts/vm/tests && ls ./*.sh | sed 's|^\./||; s|\.sh$||')
+else
+  names=("$@")
+fi
+for n in "${names[@]}"; do
+  cp "scripts/vm/tests/$n.sh" "$init/tests/"
+done
+
+cat > "$init/init" <<'INIT'
+#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+ip link set lo up
+while read -r m; do
+  case "$m" in
+    nbd.ko) insmod "/lib/modules/$m" nbds_max=8 ;;
+    *) insmod "/lib/modules/$m" ;;
+  esac || echo "R3MAP-VM: cannot load $m"
+done < /lib/modules/order
+for t in /tests/*.sh; do
+  name=$(basename "$t" .sh)
+  echo "R3MAP-VM: START $name"
+  if timeout 240 sh -e "$t" > "/tmp/$name.log" 2>&1; then
+    echo "R3MAP-VM: PASS $name"
+  else
+    echo "R3MAP-VM: FAIL $name (exit $?); its output:"
+    sed 's/^/    /' "/tmp/$name.log" | tail -40
+  fi
+done
+echo "R3MAP-VM: DONE"
+poweroff -f
+INIT
+chmod +x "$init/init"
+(cd "$init" && find . | "$root/bin/cpio" -o -H newc --quiet | gzip -1 > "$work/initrd.gz")
+
+echo "==> booting $(basename "$vmlinuz") under QEMU (software emulation) for: ${names[*]}"
+log="$work/console.log"
+timeout 900 env LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu" "$root/usr/bin/qemu-system-x86_64" \
+  -L "$root/usr/share/seabios" -L "$root/usr/share/qemu" -accel tcg -cpu max -smp 2 -m 2048 \
+  -nographic -no-reboot -nic none -kernel "$vmlinuz" -initrd "$work/initrd.gz" \
+  -append "console=ttyS0 quiet panic=-1" > "$log" 2>&1 || true
+tr -d '\r' < "$log" | grep -a -E '^R3MAP-VM: (PASS|FAIL)|^    ' || true
+
+failed=0
+for n in "${names[@]}"; do
+  if ! tr -d '\r' < "$log" | grep -a -q "^R3MAP-VM: PASS $n$"; then
+    if ! tr -d '\r' < "$log" | grep -a -q "^R3MAP-VM: FAIL $n"; then
+      echo "R3MAP-VM: FAIL $n (no result: the VM stopped before it ended)"
+    fi
+    failed=1
+  fi
+done
+if ! tr -d '\r' < "$log" | grep -a -q '^R3MAP-VM: DONE'; then
+  echo "the VM did not finish; the end of its console:"
+  tr -d '\r' < "$log" | tail -30
+  failed=1
+fi
+exit $failed

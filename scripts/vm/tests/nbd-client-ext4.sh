@@ -1,0 +1,25 @@
+# r3map's NBD server (in the VM) used by the kernel's own NBD client (nbd-client, over netlink):
+# a direct-I/O write read back equal, then ext4 made, mounted, written, remounted, intact.
+r3map serve memory:128MiB --nbd 127.0.0.1:10809 --insecure-plaintext > /tmp/serve.log 2>&1 &
+server=$!
+for i in $(seq 100); do
+  nbd-client -l 127.0.0.1 10809 > /dev/null 2>&1 && break
+  sleep 0.2
+done
+nbd-client 127.0.0.1 10809 /dev/nbd0 -N default -b 4096
+dd if=/dev/urandom of=/tmp/a bs=1M count=16 2> /dev/null
+dd if=/tmp/a of=/dev/nbd0 bs=1M oflag=direct 2> /dev/null
+dd if=/dev/nbd0 of=/tmp/b bs=1M count=16 iflag=direct 2> /dev/null
+cmp /tmp/a /tmp/b
+mkfs.ext4 -q -F /dev/nbd0
+mount -t ext4 /dev/nbd0 /mnt
+dd if=/tmp/a of=/mnt/data bs=1M 2> /dev/null
+echo hello > /mnt/hello
+umount /mnt
+mount -t ext4 /dev/nbd0 /mnt
+cmp /tmp/a /mnt/data
+grep -q hello /mnt/hello
+umount /mnt
+nbd-client -d /dev/nbd0
+kill "$server"
+wait "$server" || true
