@@ -32,8 +32,15 @@ if [ ! -e "$stamp" ]; then
   echo "==> fetching $kernel_pkg and the VM's tools into $cache"
   rm -rf "$cache/debs" "$cache/root" "$cache/kernel" "$cache"/ready-*
   mkdir -p "$cache/debs"
-  # apt-get download as root warns that its sandbox user cannot write here; harmless.
-  (cd "$cache/debs" && apt-get download "$kernel_pkg" "${tools[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+  # apt-get download as root warns that its sandbox user cannot write here; harmless. Stale
+  # package lists name versions the mirror no longer has: refresh them once and retry.
+  fetch() { (cd "$cache/debs" && apt-get download -q "$kernel_pkg" "${tools[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed'; exit "${PIPESTATUS[0]}"); }
+  if ! fetch; then
+    apt-get update -qq
+    kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    stamp="$cache/ready-$kernel_pkg"
+    fetch
+  fi
   for deb in "$cache"/debs/*.deb; do
     case "$(basename "$deb")" in
       linux-image-*) dpkg -x "$deb" "$cache/kernel" ;;
@@ -48,7 +55,7 @@ vmlinuz=$(ls "$cache"/kernel/boot/vmlinuz-* | head -1)
 modules=$(ls -d "$cache"/kernel/lib/modules/* | head -1)
 
 echo "==> building r3map"
-cargo build --quiet --bin r3map
+cargo build --quiet --locked --bin r3map
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 init="$work/initrd"
