@@ -425,6 +425,37 @@ impl NbdServer {
         }
     }
 
+    /// Serves the transmission phase alone on `socket` for the export `export`: what the kernel's
+    /// NBD client expects of a socket handed to it (by netlink or ioctl) together with the
+    /// device's size and flags, since it never negotiates. Replies are simple ones (the kernel
+    /// asks for no structured replies). Runs until the client sends `DISC`, the socket closes, or
+    /// `shutdown` completes (requests in flight still finish).
+    ///
+    /// # Errors
+    /// `UnknownExport`; what ended the connection, when it was not a clean disconnect.
+    pub async fn serve_transmission(
+        &self,
+        socket: std::os::unix::net::UnixStream,
+        export: &str,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ConnectionError> {
+        let Some(export) = self.exports.iter().find(|e| e.name == export).cloned() else {
+            return Err(ConnectionError::UnknownExport(export.to_owned()));
+        };
+        socket.set_nonblocking(false)?;
+        let conn = Conn { export, structured: false, contexts: Vec::new() };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let serve = threaded::transmission(threaded::Socket::Unix(socket), conn, self.threads, stop_rx);
+        tokio::pin!(serve, shutdown);
+        tokio::select! {
+            r = &mut serve => r.map_err(ConnectionError::from),
+            () = &mut shutdown => {
+                let _ = stop_tx.send(true);
+                serve.await.map_err(ConnectionError::from)
+            }
+        }
+    }
+
     async fn serve<F, Fut, S>(
         &self,
         accept: F,

@@ -568,3 +568,61 @@ fn shutdown_answers_the_requests_in_flight_then_closes() {
     assert!(closed(&mut s));
     stopper.join().unwrap().expect("final flush");
 }
+
+/// A kernel-style socket: no handshake, simple replies, as the kernel's NBD client talks once
+/// the device is attached.
+#[test]
+fn transmission_alone_on_a_socketpair_as_the_kernel_uses_it() {
+    use std::os::unix::net::UnixStream;
+    let backend = memory(SIZE);
+    let server = NbdServer::new(vec![export("disk", backend.clone())]).unwrap();
+    let (ours, mut kernel) = UnixStream::pair().unwrap();
+    kernel.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let serving =
+        rt.spawn(async move { server.serve_transmission(ours, "disk", std::future::pending()).await });
+    let write = |s: &mut UnixStream, cookie: u64, offset: u64, data: &[u8]| {
+        let length = u32::try_from(data.len()).unwrap();
+        s.write_all(&Request { flags: 0, kind: Command::Write.to_u16(), cookie, offset, length }.encode())
+            .unwrap();
+        s.write_all(data).unwrap();
+    };
+    let reply = |s: &mut UnixStream| {
+        let mut b = [0u8; proto::SIMPLE_REPLY_LEN];
+        s.read_exact(&mut b).unwrap();
+        SimpleReply::decode(&b).expect("a simple reply")
+    };
+    write(&mut kernel, 1, 4096, &[7u8; 8192]);
+    assert_eq!(reply(&mut kernel), SimpleReply { error: 0, cookie: 1 });
+    let mut b = [0u8; 16];
+    backend.read_at(&mut b, 4096).unwrap();
+    assert_eq!(b, [7u8; 16], "the write reached the export");
+    kernel
+        .write_all(
+            &Request { flags: 0, kind: Command::Read.to_u16(), cookie: 2, offset: 4090, length: 12 }.encode(),
+        )
+        .unwrap();
+    assert_eq!(reply(&mut kernel), SimpleReply { error: 0, cookie: 2 });
+    let mut data = [0u8; 12];
+    kernel.read_exact(&mut data).unwrap();
+    assert_eq!(data, [0, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7]);
+    // Past the end: an error reply, and the connection goes on.
+    kernel
+        .write_all(
+            &Request { flags: 0, kind: Command::Read.to_u16(), cookie: 3, offset: SIZE, length: 1 }.encode(),
+        )
+        .unwrap();
+    assert_eq!(reply(&mut kernel), SimpleReply { error: errno::EINVAL, cookie: 3 });
+    kernel
+        .write_all(
+            &Request { flags: 0, kind: Command::Disc.to_u16(), cookie: 4, offset: 0, length: 0 }.encode(),
+        )
+        .unwrap();
+    rt.block_on(serving).unwrap().expect("a clean disconnect");
+
+    // An export that does not exist is refused before anything is read.
+    let server = NbdServer::new(vec![export("disk", memory(SIZE))]).unwrap();
+    let (ours, _kernel) = UnixStream::pair().unwrap();
+    let err = rt.block_on(server.serve_transmission(ours, "nope", std::future::pending())).unwrap_err();
+    assert!(err.to_string().contains("'nope'"), "{err}");
+}
