@@ -13,6 +13,7 @@
 //! - [`demo`]: `r3map demo`, a managed mount of an embedded server, checked end to end.
 //! - [`units`]: sizes and durations on the command line.
 
+pub mod attach;
 pub mod backend_url;
 pub mod certs;
 pub mod demo;

@@ -1,7 +1,7 @@
 //! `r3map`: mount, serve and migrate remote memory.
 
 use clap::{Parser, Subcommand};
-use r3map_cli::{certs, demo, init_logging, map, migrate, mount, serve};
+use r3map_cli::{attach, certs, demo, init_logging, map, migrate, mount, serve};
 
 /// Remote memory: mount any resource as local memory that is pulled lazily and in the background,
 /// pushed back in the background, and live-migrated between hosts.
@@ -58,6 +58,15 @@ enum Command {
     /// Live-migrate a backend between hosts: `seed` at the source, `leech` at the destination.
     #[command(subcommand)]
     Migrate(migrate::Command),
+    /// Attach a backend as a kernel block device (/dev/nbdN) served by this process.
+    ///
+    /// Uses the kernel's NBD driver through its netlink interface: the kernel picks a free device
+    /// (or takes --index), with --connections sockets to this process. Runs until SIGINT or
+    /// SIGTERM, then disconnects the device and flushes the backend. Needs root and the nbd
+    /// module (`modprobe nbd`).
+    Attach(Box<attach::Args>),
+    /// Disconnect a kernel NBD device (one left behind by a process that died).
+    Detach(attach::DetachArgs),
     /// Clean up after a crashed `r3map mount`: detach its loop devices and unmount the stale FUSE
     /// mount ("Transport endpoint is not connected").
     Cleanup(mount::CleanupArgs),
@@ -74,5 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Map(args) => map::run(&args),
         Command::Migrate(command) => migrate::run(&command),
         Command::Cleanup(args) => mount::cleanup(&args),
+        Command::Attach(args) => attach::run(&args),
+        Command::Detach(args) => attach::detach(&args),
     }
 }

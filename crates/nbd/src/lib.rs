@@ -50,6 +50,8 @@
 //! - [`status`]: metadata contexts (`base:allocation`, `r3map:chunks`) and [`ChunkStates`].
 
 pub mod client;
+pub mod kernel;
+mod netlink;
 pub mod proto;
 pub mod server;
 pub mod status;

@@ -1,0 +1,112 @@
+//! `r3map attach` and `r3map detach`: a backend as a kernel NBD device (`/dev/nbdN`) served by
+//! this process, through the kernel's generic-netlink NBD interface.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use r3map_nbd::kernel::{self, KernelDevice, KernelOptions};
+use r3map_nbd::{NbdExport, NbdServer};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::backend_url::{self, OpenOptions};
+use crate::units::{human, parse_size};
+
+/// The flags of `r3map attach`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// What the device holds: any backend URL (`memory:SIZE`, `file:///PATH`, an r3map or NBD
+    /// server, a store...).
+    #[arg(value_name = "BACKEND-URL")]
+    pub backend: String,
+    /// Sockets between the kernel and this process (the device's connections).
+    #[arg(long, default_value = "4", value_name = "N")]
+    pub connections: usize,
+    /// Use /dev/nbdN; by default the kernel picks a free device.
+    #[arg(long, value_name = "N")]
+    pub index: Option<u32>,
+    /// The device's logical block size (512 to 4096).
+    #[arg(long, default_value = "4096", value_parser = parse_size, value_name = "SIZE")]
+    pub block_size: u64,
+    /// Seconds the device waits for this process to come back (a dead-connection timeout) before
+    /// it fails I/O; 0 fails at once.
+    #[arg(long, default_value = "0", value_name = "SECONDS")]
+    pub dead_conn_timeout: u64,
+    /// Chunk size for backends that have one (a directory, a store).
+    #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
+    pub chunk_size: u64,
+    /// Refuse writes (the device is read-only).
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+/// The flags of `r3map detach`.
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The device: /dev/nbdN, nbdN or N.
+    #[arg(value_name = "DEVICE")]
+    pub device: String,
+}
+
+/// Attaches, prints the device, serves it until SIGINT or SIGTERM, then detaches and flushes.
+///
+/// # Errors
+/// The backend cannot be opened; the device cannot be attached (no `nbd.ko`, not root).
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let opened = backend_url::open(
+        &args.backend,
+        &OpenOptions { read_only: args.read_only, chunk_size: args.chunk_size },
+    )?;
+    let size = opened.backend.size();
+    let mut export = NbdExport::new("default", Arc::clone(&opened.backend));
+    export.read_only = args.read_only;
+    let server = NbdServer::new(vec![export]).context("the NBD server")?;
+    let options = KernelOptions {
+        connections: args.connections,
+        block_size: args.block_size,
+        dead_conn_timeout: Duration::from_secs(args.dead_conn_timeout),
+        index: args.index,
+        ..KernelOptions::default()
+    };
+    let device = KernelDevice::attach(&server, "default", options).context("cannot attach an NBD device")?;
+    // Not `println!`: a closed standard output must not take the device down.
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "attached {} ({}, {}, {} connections)",
+        device.path().display(),
+        opened.description,
+        human(size),
+        args.connections
+    );
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    runtime.block_on(async {
+        let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    let path = device.path();
+    device.detach().with_context(|| format!("detaching {}", path.display()))?;
+    let _ = writeln!(std::io::stdout().lock(), "detached {}", path.display());
+    Ok(())
+}
+
+/// Disconnects a device, for one left behind by a process that died.
+///
+/// # Errors
+/// A name that is no NBD device; the kernel's refusal.
+pub fn detach(args: &DetachArgs) -> anyhow::Result<()> {
+    let name = Path::new(&args.device).file_name().and_then(|n| n.to_str()).unwrap_or(&args.device);
+    let Ok(index) = name.trim_start_matches("nbd").parse::<u32>() else {
+        bail!("'{}' is not an NBD device: give /dev/nbdN, nbdN or N", args.device);
+    };
+    kernel::disconnect(index).with_context(|| format!("cannot disconnect /dev/nbd{index}"))?;
+    println!("disconnected /dev/nbd{index}");
+    Ok(())
+}
