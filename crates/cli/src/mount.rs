@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use r3map_core::Backend as _;
 use r3map_mount::{Frontend, FuseOptions, Hooks, ManagedOptions, Mount, MountOptions};
+use r3map_nbd::kernel::KernelOptions;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::backend_url::{self, OpenOptions};
@@ -26,8 +27,17 @@ pub struct Args {
     /// local backend (`file:///PATH`, `memory:SIZE`, ...).
     #[arg(value_name = "REMOTE-URL", verbatim_doc_comment)]
     pub remote: String,
-    /// An existing directory; the resource appears in it as one file (see --file-name).
-    pub mountpoint: PathBuf,
+    /// An existing directory; the resource appears in it as one file (see --file-name). Not
+    /// used with --nbd.
+    #[arg(required_unless_present = "nbd")]
+    pub mountpoint: Option<PathBuf>,
+    /// Serve the resource as a kernel NBD device (/dev/nbdN) instead of a FUSE file: a block
+    /// device without FUSE and a loop device in between. Needs root and the nbd module.
+    #[arg(long, conflicts_with_all = ["loop_device", "direct_io", "page_cache"])]
+    pub nbd: bool,
+    /// Connections between the kernel and this process with --nbd.
+    #[arg(long, default_value_t = 4, value_name = "N", requires = "nbd")]
+    pub nbd_connections: usize,
     /// Managed mount: a local cache, chunks pulled on first access and in the background, writes
     /// pushed in the background. Without it, every access goes to the remote.
     #[arg(long)]
@@ -98,7 +108,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         },
         ..FuseOptions::default()
     };
-    let options = MountOptions { frontend: Frontend::Fuse(fuse), loop_device: args.loop_device };
+    let frontend = if args.nbd {
+        Frontend::Nbd(KernelOptions { connections: args.nbd_connections, ..KernelOptions::default() })
+    } else {
+        Frontend::Fuse(fuse)
+    };
+    let options = MountOptions { frontend, loop_device: args.loop_device };
+    let mountpoint = args.mountpoint.clone().unwrap_or_default();
     let mount = if args.managed {
         let local_url = args.local.clone().unwrap_or_else(|| format!("memory:{size}"));
         let local = backend_url::open(&local_url, &open)?;
@@ -113,11 +129,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             push_interval: args.push_interval,
             ..ManagedOptions::default()
         };
-        Mount::managed(remote.backend, local.backend, &args.mountpoint, &options, managed, Hooks::default())
+        Mount::managed(remote.backend, local.backend, &mountpoint, &options, managed, Hooks::default())
     } else {
-        Mount::direct(remote.backend, &args.mountpoint, &options, Hooks::default())
+        Mount::direct(remote.backend, &mountpoint, &options, Hooks::default())
     }
-    .with_context(|| format!("cannot mount {} at {}", remote.description, args.mountpoint.display()))?;
+    .with_context(|| format!("cannot mount {} at {}", remote.description, mountpoint.display()))?;
     println!(
         "mounted {} ({}, {}) at {} in {:.1?}",
         remote.description,

@@ -12,6 +12,8 @@ use r3map_core::pipeline::pusher::{PushProgress, PusherOptions};
 use r3map_core::pipeline::synced::{ChunkHook, DEFAULT_CHUNK_SIZE, SyncedOptions};
 use r3map_core::{Backend, Chunk, Puller, Pusher, SharedBackend, Synced};
 use r3map_fuse::{FuseMount, FuseOptions};
+use r3map_nbd::kernel::{KernelDevice, KernelOptions};
+use r3map_nbd::{NbdExport, NbdServer};
 use r3map_sys::SharedMapping;
 
 use crate::loopdev::LoopDevice;
@@ -24,6 +26,10 @@ pub type Hook = Box<dyn Fn() -> io::Result<()> + Send + Sync>;
 pub enum Frontend {
     /// A single-file FUSE filesystem (works on this kernel; a loop device makes it a block device).
     Fuse(FuseOptions),
+    /// A kernel NBD device (`/dev/nbdN`) served by this process over socketpairs: a block device
+    /// without FUSE or a loop device in between. Needs root and `nbd.ko`; the mountpoint is not
+    /// used.
+    Nbd(KernelOptions),
 }
 
 impl Default for Frontend {
@@ -128,6 +134,7 @@ struct Managed {
 /// A mounted backend. See the crate docs.
 pub struct Mount {
     fuse: Option<FuseMount>,
+    nbd: Option<KernelDevice>,
     loop_device: Option<LoopDevice>,
     managed: Option<Managed>,
     served: SharedBackend,
@@ -139,6 +146,7 @@ impl fmt::Debug for Mount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Mount")
             .field("file", &self.fuse.as_ref().map(FuseMount::file_path))
+            .field("nbd", &self.nbd.as_ref().map(KernelDevice::path))
             .field("device", &self.loop_device)
             .field("managed", &self.managed.is_some())
             .field("opened_in", &self.opened_in)
@@ -240,7 +248,10 @@ impl Mount {
         hooks: Hooks,
         started: Instant,
     ) -> io::Result<Self> {
-        let Frontend::Fuse(fuse_options) = &options.frontend;
+        let fuse_options = match &options.frontend {
+            Frontend::Fuse(f) => f,
+            Frontend::Nbd(kernel) => return Self::start_nbd(served, managed, *kernel, hooks, started),
+        };
         let mut fuse_options = fuse_options.clone();
         // A managed mount's local cache already holds the data in memory: the page cache would
         // hold it twice and put the kernel's writeback between the application and the cache.
@@ -261,7 +272,39 @@ impl Mount {
         } else {
             None
         };
-        Ok(Self { fuse: Some(fuse), loop_device, managed, served, hooks, opened_in: started.elapsed() })
+        Ok(Self {
+            fuse: Some(fuse),
+            nbd: None,
+            loop_device,
+            managed,
+            served,
+            hooks,
+            opened_in: started.elapsed(),
+        })
+    }
+
+    fn start_nbd(
+        served: SharedBackend,
+        managed: Option<Managed>,
+        options: KernelOptions,
+        hooks: Hooks,
+        started: Instant,
+    ) -> io::Result<Self> {
+        let server = NbdServer::new(vec![NbdExport::new("mount", Arc::clone(&served))])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let device = KernelDevice::attach(&server, "mount", options)?;
+        if let Some(puller) = managed.as_ref().and_then(|m| m.puller.as_ref()) {
+            puller.set_depth(usize::MAX);
+        }
+        Ok(Self {
+            fuse: None,
+            nbd: Some(device),
+            loop_device: None,
+            managed,
+            served,
+            hooks,
+            opened_in: started.elapsed(),
+        })
     }
 
     /// How long opening took, frontend included.
@@ -270,25 +313,31 @@ impl Mount {
         self.opened_in
     }
 
-    /// The mount's file (the FUSE file).
+    /// The mount's file: the FUSE file, or the NBD device.
     ///
     /// # Panics
     /// Never while the mount is open.
     #[must_use]
     pub fn file_path(&self) -> PathBuf {
-        self.fuse.as_ref().expect("mounted until closed").file_path()
+        match &self.nbd {
+            Some(d) => d.path(),
+            None => self.fuse.as_ref().expect("mounted until closed").file_path(),
+        }
     }
 
-    /// The block device, when a loop device was asked for.
+    /// The block device: the NBD device, or the loop device when one was asked for.
     #[must_use]
-    pub fn device(&self) -> Option<&Path> {
-        self.loop_device.as_ref().map(LoopDevice::path)
+    pub fn device(&self) -> Option<PathBuf> {
+        self.nbd
+            .as_ref()
+            .map(KernelDevice::path)
+            .or_else(|| self.loop_device.as_ref().map(|d| d.path().to_path_buf()))
     }
 
     /// The path to hand to applications: the block device if there is one, else the file.
     #[must_use]
     pub fn path(&self) -> PathBuf {
-        self.device().map_or_else(|| self.file_path(), Path::to_path_buf)
+        self.device().unwrap_or_else(|| self.file_path())
     }
 
     /// Size of the mounted resource.
@@ -392,7 +441,9 @@ impl Mount {
     }
 
     fn teardown(&mut self) -> io::Result<()> {
-        let Some(fuse) = self.fuse.take() else { return Ok(()) };
+        if self.fuse.is_none() && self.nbd.is_none() {
+            return Ok(());
+        }
         let mut result = Ok(());
         let mut keep = |r: io::Result<()>| {
             if let Err(e) = r {
@@ -405,13 +456,21 @@ impl Mount {
         if let Some(d) = &self.loop_device {
             keep(File::open(d.path()).and_then(|f| f.sync_all()));
         }
+        if let Some(d) = &self.nbd {
+            keep(File::open(d.path()).and_then(|f| f.sync_all()));
+        }
         if let Some(hook) = &self.hooks.before_close {
             keep(hook());
         }
         if let Some(d) = self.loop_device.take() {
             keep(d.detach());
         }
-        keep(fuse.unmount());
+        if let Some(d) = self.nbd.take() {
+            keep(d.detach());
+        }
+        if let Some(fuse) = self.fuse.take() {
+            keep(fuse.unmount());
+        }
         if let Some(m) = self.managed.take() {
             if let Some(p) = m.puller {
                 p.close();

@@ -177,7 +177,7 @@ fn loop_devices_are_block_devices_of_the_backend() {
         Hooks::default(),
     )
     .unwrap();
-    let dev = mount.device().unwrap().to_owned();
+    let dev = mount.device().unwrap();
     assert!(dev.to_string_lossy().starts_with("/dev/loop"), "{}", dev.display());
     let f = OpenOptions::new().read(true).write(true).open(&dev).unwrap();
     let mut back = vec![0u8; model.len()];
