@@ -49,6 +49,9 @@ pub(crate) fn io_from_status(status: &Status, what: &str) -> io::Error {
         Code::DeadlineExceeded => K::TimedOut,
         // tonic's own client-side deadline reports itself as Cancelled.
         Code::Cancelled if status.message() == tonic::TimeoutExpired(()).to_string() => K::TimedOut,
+        // Any other cancellation of a call this client made: the server or the connection dropped
+        // it (a server shutting down resets its streams).
+        Code::Cancelled => K::ConnectionAborted,
         Code::ResourceExhausted => K::QuotaExceeded,
         Code::Unavailable => K::NotConnected,
         Code::DataLoss => K::InvalidData,
@@ -108,7 +111,7 @@ mod tests {
             io_from_status(&Status::cancelled("Timeout expired"), "r").kind(),
             io::ErrorKind::TimedOut
         );
-        assert_eq!(io_from_status(&Status::cancelled("gone"), "r").kind(), io::ErrorKind::Other);
+        assert_eq!(io_from_status(&Status::cancelled("gone"), "r").kind(), io::ErrorKind::ConnectionAborted);
         assert!(io_from_status(&Status::internal(""), "r").to_string().contains("no message"));
     }
 
