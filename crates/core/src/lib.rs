@@ -24,6 +24,7 @@ pub mod geometry;
 pub mod layers;
 pub mod pipeline;
 pub mod seeder;
+pub mod units;
 
 pub use backend::{Backend, Capabilities, Extent, SharedBackend, check_range, flush_each};
 pub use backends::{Dir, File, Memory};

@@ -2,6 +2,8 @@
 
 use std::io;
 
+pub use r3map_core::units::parse_size;
+
 use crate::stored::{ChunkStore, Stored, StoredOptions};
 
 /// The URL schemes [`open`] knows, for help texts and dispatch in callers.
@@ -52,26 +54,6 @@ pub fn open(url: &str, chunk_size: u64) -> io::Result<Stored<Box<dyn ChunkStore>
         other => return Err(bad(format!("'{other}' is not a store this build knows"))),
     };
     Stored::new(store, size, StoredOptions { chunk_size, max_batch })
-}
-
-/// Parses `4096`, `64KiB`, `1GiB`, `2TiB` (binary units; `K`, `M`, `G`, `T` and `KB`... mean the same).
-///
-/// # Errors
-/// A message saying what is wrong.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => return Err(format!("unknown unit '{other}' in '{s}'")),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[cfg(test)]

@@ -44,41 +44,30 @@ pub trait ChunkStore: Send + Sync {
     }
 }
 
-impl<S: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<S> {
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-    fn get(&self, chunks: &[u64]) -> io::Result<Vec<Option<Vec<u8>>>> {
-        (**self).get(chunks)
-    }
-    fn put(&self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
-        (**self).put(chunks)
-    }
-    fn delete(&self, chunks: &[u64]) -> io::Result<()> {
-        (**self).delete(chunks)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
+macro_rules! forward_store {
+    ($ty:ty) => {
+        impl<S: ChunkStore + ?Sized> ChunkStore for $ty {
+            fn describe(&self) -> String {
+                (**self).describe()
+            }
+            fn get(&self, chunks: &[u64]) -> io::Result<Vec<Option<Vec<u8>>>> {
+                (**self).get(chunks)
+            }
+            fn put(&self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
+                (**self).put(chunks)
+            }
+            fn delete(&self, chunks: &[u64]) -> io::Result<()> {
+                (**self).delete(chunks)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+        }
+    };
 }
 
-impl ChunkStore for Box<dyn ChunkStore> {
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-    fn get(&self, chunks: &[u64]) -> io::Result<Vec<Option<Vec<u8>>>> {
-        (**self).get(chunks)
-    }
-    fn put(&self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
-        (**self).put(chunks)
-    }
-    fn delete(&self, chunks: &[u64]) -> io::Result<()> {
-        (**self).delete(chunks)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-}
+forward_store!(std::sync::Arc<S>);
+forward_store!(Box<S>);
 
 /// How a [`Stored`] backend cuts the resource and its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
