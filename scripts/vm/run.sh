@@ -6,12 +6,18 @@
 #   bash scripts/vm/run.sh                 # every test in scripts/vm/tests
 #   bash scripts/vm/run.sh nbd-client-ext4 # some of them
 #
+# Environment: R3MAP_VM_TESTS, a directory of test scripts to run instead of scripts/vm/tests;
+# R3MAP_VM_BINS, more executables (space-separated paths) to put into the VM's /bin;
+# R3MAP_VM_SHOW_OUTPUT=1 prints the output of passing tests too (benchmarks print figures);
+# R3MAP_VM_TEST_TIMEOUT, seconds each test may take (240); R3MAP_VM_TIMEOUT, the whole VM (900).
+#
 # Nothing is installed on the host: the kernel, QEMU, busybox, cpio and nbd-client packages are
 # fetched with `apt-get download` and unpacked into a cache ($R3MAP_VM_CACHE, by default
 # ~/.cache/r3map/vm); QEMU runs from there. (Installing qemu-system-x86 would replace a newer
 # preinstalled qemu-utils, whose qemu-io, qemu-img and qemu-nbd the NBD tests use.) The initramfs
-# holds busybox, nbd.ko, the r3map binary (built here, stripped), the programs the tests call and
-# their shared libraries.
+# holds busybox, nbd.ko, the r3map, ram-ul and ram-dl binaries and the swap-check example (built
+# here, stripped), the programs the tests call (the host's tc, for netem) and their shared
+# libraries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -54,12 +60,16 @@ root="$cache/root"
 vmlinuz=$(ls "$cache"/kernel/boot/vmlinuz-* | head -1)
 modules=$(ls -d "$cache"/kernel/lib/modules/* | head -1)
 
-echo "==> building r3map"
-cargo build --quiet --locked --bin r3map
+tests_dir="${R3MAP_VM_TESTS:-scripts/vm/tests}"
+echo "==> building r3map, ram-ul, ram-dl and swap-check"
+cargo build --quiet --locked -p r3map-cli --bin r3map --bin ram-ul --bin ram-dl --example swap-check
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 init="$work/initrd"
-mkdir -p "$init"/{bin,sbin,proc,sys,dev,tmp,mnt,tests,lib/modules}
+mkdir -p "$init"/{bin,sbin,proc,sys,dev,tmp,mnt,tests,etc,lib/modules}
+# Names as on any installed system (`localhost` is ram-dl's default server).
+printf '127.0.0.1 localhost\n::1 localhost\n' > "$init/etc/hosts"
+echo 'hosts: files' > "$init/etc/nsswitch.conf"
 cp "$root/bin/busybox" "$init/bin/"
 for applet in $("$init/bin/busybox" --list); do
   [ -e "$init/bin/$applet" ] || ln -s busybox "$init/bin/$applet"
@@ -70,13 +80,25 @@ for m in lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/
   cp "$modules/kernel/$m" "$init/lib/modules/"
   echo "$(basename "$m")" >> "$init/lib/modules/order"
 done
-strip --strip-debug -o "$init/bin/r3map" "$repo/target/debug/r3map"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+progs=()
+for bin in "$target/debug/r3map" "$target/debug/ram-ul" "$target/debug/ram-dl" \
+  "$target/debug/examples/swap-check" ${R3MAP_VM_BINS:-}; do
+  strip --strip-debug -o "$init/bin/$(basename "$bin")" "$bin"
+  progs+=("$init/bin/$(basename "$bin")")
+done
 cp "$root/sbin/nbd-client" "$init/sbin/"
 cp /sbin/mke2fs "$init/sbin/mkfs.ext4"
+progs+=("$init/sbin/nbd-client" "$init/sbin/mkfs.ext4")
+# iproute2's tc for netem (busybox's tc has no netem); tests that need it check for it.
+if tc_bin=$(command -v tc); then
+  cp "$tc_bin" "$init/sbin/tc"
+  progs+=("$init/sbin/tc")
+fi
 # Shared libraries of every program copied, at the same paths (the loader among them).
 # Libraries the host lacks come from the unpacked packages; they go to the standard paths.
 unpacked_libs="$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu"
-for prog in "$init/bin/r3map" "$init/sbin/nbd-client" "$init/sbin/mkfs.ext4"; do
+for prog in "${progs[@]}"; do
   if LD_LIBRARY_PATH="$unpacked_libs" ldd "$prog" | grep -q 'not found'; then
     echo "missing libraries for $prog:" >&2
     LD_LIBRARY_PATH="$unpacked_libs" ldd "$prog" | grep 'not found' >&2
@@ -92,12 +114,12 @@ done
 
 # The tests to run.
 if [ $# -eq 0 ]; then
-  mapfile -t names < <(cd scripts/vm/tests && ls ./*.sh | sed 's|^\./||; s|\.sh$||')
+  mapfile -t names < <(cd "$tests_dir" && ls ./*.sh | sed 's|^\./||; s|\.sh$||')
 else
   names=("$@")
 fi
 for n in "${names[@]}"; do
-  cp "scripts/vm/tests/$n.sh" "$init/tests/"
+  cp "$tests_dir/$n.sh" "$init/tests/"
 done
 
 cat > "$init/init" <<'INIT'
@@ -108,6 +130,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 while read -r m; do
   case "$m" in
@@ -118,8 +141,9 @@ done < /lib/modules/order
 for t in /tests/*.sh; do
   name=$(basename "$t" .sh)
   echo "R3MAP-VM: START $name"
-  if timeout 240 sh -e "$t" > "/tmp/$name.log" 2>&1; then
+  if timeout "$(cat /test-timeout)" sh -e "$t" > "/tmp/$name.log" 2>&1; then
     echo "R3MAP-VM: PASS $name"
+    [ -e /show-output ] && sed 's/^/    /' "/tmp/$name.log"
   else
     echo "R3MAP-VM: FAIL $name (exit $?); its output:"
     sed 's/^/    /' "/tmp/$name.log" | tail -40
@@ -129,11 +153,13 @@ echo "R3MAP-VM: DONE"
 poweroff -f
 INIT
 chmod +x "$init/init"
+[ "${R3MAP_VM_SHOW_OUTPUT:-0}" = 1 ] && touch "$init/show-output"
+echo "${R3MAP_VM_TEST_TIMEOUT:-240}" > "$init/test-timeout"
 (cd "$init" && find . | "$root/bin/cpio" -o -H newc --quiet | gzip -1 > "$work/initrd.gz")
 
 echo "==> booting $(basename "$vmlinuz") under QEMU (software emulation) for: ${names[*]}"
 log="$work/console.log"
-timeout 900 env LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu" "$root/usr/bin/qemu-system-x86_64" \
+timeout "${R3MAP_VM_TIMEOUT:-900}" env LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu" "$root/usr/bin/qemu-system-x86_64" \
   -L "$root/usr/share/seabios" -L "$root/usr/share/qemu" -accel tcg -cpu max -smp 2 -m 2048 \
   -nographic -no-reboot -nic none -kernel "$vmlinuz" -initrd "$work/initrd.gz" \
   -append "console=ttyS0 quiet panic=-1" > "$log" 2>&1 || true

@@ -1,4 +1,4 @@
-//! The commands behind the `r3map` and `ram-ul` binaries, kept in a library so both binaries (and
+//! The commands behind the `r3map`, `ram-ul` and `ram-dl` binaries, kept in a library so both binaries (and
 //! the tests) share one implementation.
 //!
 //! # Layout
@@ -10,6 +10,7 @@
 //! - [`mount`]: `r3map mount` and `r3map cleanup`.
 //! - [`map`]: `r3map map`, a backend mapped into the process as a userfaultfd region.
 //! - [`migrate`]: `r3map migrate seed` and `r3map migrate leech`, live migration.
+//! - [`ram_dl`]: `ram-dl`, memory of a remote `ram-ul` as swap space.
 //! - [`demo`]: `r3map demo`, a managed mount of an embedded server, checked end to end.
 //! - [`units`]: sizes and durations on the command line.
 
@@ -20,6 +21,7 @@ pub mod demo;
 pub mod map;
 pub mod migrate;
 pub mod mount;
+pub mod ram_dl;
 pub mod serve;
 pub mod units;
 

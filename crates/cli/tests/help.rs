@@ -93,6 +93,35 @@ fn certs_explains_its_flags() {
 }
 
 #[test]
+fn ram_dl_explains_its_flags() {
+    let h = help(env!("CARGO_BIN_EXE_ram-dl"), &[]);
+    assert_mentions(
+        &h,
+        &[
+            "--raddr",
+            "[default: localhost:1337]",
+            "--size",
+            "4294967296",
+            "--chunk-size",
+            "[default: 4096]",
+            "--chunking",
+            "--chunking=false",
+            "--verbose",
+            "--frontend",
+            "nbd.ko",
+            "loop device",
+            "--connections",
+            "--priority",
+            "--ca",
+            "--insecure-plaintext",
+            "--token-file",
+            "swapoff",
+            "Needs root",
+        ],
+    );
+}
+
+#[test]
 fn ram_ul_explains_its_flags() {
     let h = help(env!("CARGO_BIN_EXE_ram-ul"), &[]);
     assert_mentions(

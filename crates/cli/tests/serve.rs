@@ -2,121 +2,22 @@
 //! transport, credentials, metrics, a clean Ctrl-C, and a server killed with SIGKILL mid-transfer.
 
 use std::fs;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use r3map_core::Backend;
 use r3map_core::Seeder as _;
 use r3map_net::RemoteBackend;
 
+mod common;
+use common::{Proc, STARTUP, free_port, scrape};
+
 const R3MAP: &str = env!("CARGO_BIN_EXE_r3map");
 const RAM_UL: &str = env!("CARGO_BIN_EXE_ram-ul");
-const STARTUP: Duration = Duration::from_secs(30);
-
-/// A child process that is killed and reaped when dropped, whatever happened; its standard error
-/// goes to a file that is printed when the test failed.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-    /// The line it printed when it was ready.
-    ready: String,
-}
-
-impl Proc {
-    /// Starts `bin args` and waits for its "serving ..." line.
-    fn start(bin: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Self {
-        let log = dir.join(format!("server-{}.log", fastrand::u32(..)));
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .env_remove("R3MAP_TOKEN")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(&log).unwrap());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut proc = Self { child, log, ready: String::new() };
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.starts_with("serving ") || line.starts_with("mounted ") => {
-                    proc.ready = line;
-                    return proc;
-                }
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = proc.child.wait().unwrap();
-                    panic!("{bin} {args:?} exited ({status}) before serving:\n{}", proc.stderr());
-                }
-            }
-            assert!(Instant::now() < deadline, "{bin} {args:?} did not start in time:\n{}", proc.stderr());
-        }
-    }
-
-    /// The TCP address from the ready line (`... on 127.0.0.1:PORT [...]`).
-    fn tcp(&self) -> String {
-        let (_, after) = self.ready.rsplit_once(") on ").expect("a TCP address in the ready line");
-        after.split(' ').next().unwrap().to_owned()
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// Sends SIGINT (like Ctrl-C).
-    fn interrupt(&self) {
-        let status = Command::new("kill").args(["-INT", &self.pid()]).status().unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit by itself.
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the process did not exit in time:\n{}", self.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- standard error of the server ---\n{}", self.stderr());
-        }
-    }
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -135,17 +36,6 @@ fn round_trip(client: &RemoteBackend, seed: u64) -> (u64, Vec<u8>) {
     assert!(back == data, "read back different data");
     client.flush().unwrap();
     (off, data)
-}
-
-/// The text of a Prometheus scrape of `http://ADDR/metrics`.
-fn scrape(addr: &str) -> String {
-    let mut http = TcpStream::connect(addr).unwrap();
-    http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    http.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut response = String::new();
-    http.read_to_string(&mut response).unwrap();
-    response
 }
 
 fn run(bin: &str, args: &[&str]) -> std::process::Output {

@@ -563,6 +563,8 @@ async fn connection(
     let mut queue: VecDeque<Request> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
     let mut next_id = 1u64;
+    // Connections beyond the first open on their first request: only later ones are reconnections.
+    let mut connected_before = first.is_some();
     loop {
         let io = if let Some(io) = first.take() {
             io
@@ -585,7 +587,12 @@ async fn connection(
             match target.connect().await {
                 Ok((io, now)) if now.size == info.size && now.chunk_size == info.chunk_size => {
                     backoff = Duration::from_millis(50);
-                    tracing::info!(address = %target.address, "reconnected");
+                    if connected_before {
+                        tracing::info!(address = %target.address, "reconnected");
+                    } else {
+                        tracing::debug!(address = %target.address, "connected");
+                    }
+                    connected_before = true;
                     io
                 }
                 Ok((_, now)) => {

@@ -66,6 +66,11 @@ struct Cli {
         value_parser = BoolishValueParser::new()
     )]
     verbose: bool,
+    /// Lock this server's memory (mlockall) so it is never swapped out: needed when the swap it
+    /// serves is on this same host, and it keeps latency steady elsewhere. Memory is locked as it
+    /// is touched, so a sparse memory backend does not take its whole size at once.
+    #[arg(long)]
+    mlock: bool,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -88,6 +93,9 @@ fn default_location() -> PathBuf {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     r3map_cli::init_logging(u8::from(cli.verbose));
+    if cli.mlock {
+        r3map_cli::ram_dl::lock_memory()?;
+    }
     let config = Config {
         listen: Some(cli.addr.clone()),
         unix: None,
