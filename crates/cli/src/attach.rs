@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use r3map_nbd::kernel::{self, KernelDevice, KernelOptions};
+use r3map_nbd::kernel::{self, Interface, KernelDevice, KernelOptions};
 use r3map_nbd::{NbdExport, NbdServer};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -40,6 +40,32 @@ pub struct Args {
     /// Refuse writes (the device is read-only).
     #[arg(long)]
     pub read_only: bool,
+    /// How the kernel is told about the device: netlink (Linux 4.12 and later), the driver's
+    /// older ioctls, or auto (netlink where the driver offers it).
+    #[arg(long, value_enum, default_value_t = KernelInterface::Auto)]
+    pub interface: KernelInterface,
+}
+
+/// The kernel interface `--interface` chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelInterface {
+    /// Netlink, or the ioctls where the driver has no netlink interface.
+    Auto,
+    /// The generic-netlink `nbd` family: several connections, a dead-connection timeout, the
+    /// device picked by the kernel.
+    Netlink,
+    /// The ioctls on /dev/nbdN: the first unused device is claimed.
+    Ioctl,
+}
+
+impl From<KernelInterface> for Interface {
+    fn from(i: KernelInterface) -> Self {
+        match i {
+            KernelInterface::Auto => Self::Auto,
+            KernelInterface::Netlink => Self::Netlink,
+            KernelInterface::Ioctl => Self::Ioctl,
+        }
+    }
 }
 
 /// The flags of `r3map detach`.
@@ -68,6 +94,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         block_size: args.block_size,
         dead_conn_timeout: Duration::from_secs(args.dead_conn_timeout),
         index: args.index,
+        interface: args.interface.into(),
         ..KernelOptions::default()
     };
     let device = KernelDevice::attach(&server, "default", options).context("cannot attach an NBD device")?;

@@ -10,13 +10,24 @@
 //! finishes the requests in flight; [`disconnect`] removes a device left behind by a process
 //! that died.
 //!
+//! Kernels without the netlink interface (before 4.12, or built without it) are configured with
+//! the driver's older ioctls instead ([`Interface`]): the device is then the first one sysfs shows
+//! unused, claimed by its first `NBD_SET_SOCK` (a device another process claimed first answers
+//! `EBUSY`, and the next one is tried), and a thread of this process sits in `NBD_DO_IT` while it
+//! runs. The dead-connection timeout is a netlink feature and is not set that way.
+//!
 //! It needs root (`CAP_SYS_ADMIN`) and the `nbd` module (`modprobe nbd`); the errors say so.
 
+use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd as _, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use r3map_sys::nbd_ioctl;
 
 use tokio::sync::watch;
 
@@ -50,6 +61,20 @@ pub struct KernelOptions {
     pub dead_conn_timeout: Duration,
     /// The device to use (`/dev/nbdN`); `None` lets the kernel pick a free one.
     pub index: Option<u32>,
+    /// How the kernel is told: netlink, or the ioctls where netlink is missing.
+    pub interface: Interface,
+}
+
+/// The kernel interface a device is configured through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interface {
+    /// Netlink, or the ioctls when the kernel's driver has no netlink interface.
+    #[default]
+    Auto,
+    /// The generic-netlink `nbd` family (Linux 4.12 and later).
+    Netlink,
+    /// The driver's ioctls on `/dev/nbdN`.
+    Ioctl,
 }
 
 impl Default for KernelOptions {
@@ -60,6 +85,7 @@ impl Default for KernelOptions {
             timeout: Duration::ZERO,
             dead_conn_timeout: Duration::ZERO,
             index: None,
+            interface: Interface::Auto,
         }
     }
 }
@@ -74,6 +100,14 @@ pub struct KernelDevice {
     runtime: Option<tokio::runtime::Runtime>,
     /// The kernel's ends, kept open while attached.
     _kernel_ends: Vec<UnixStream>,
+    /// Attached by ioctls: the device's descriptor and the thread in `NBD_DO_IT`.
+    ioctl: Option<IoctlRun>,
+}
+
+#[derive(Debug)]
+struct IoctlRun {
+    device: Arc<File>,
+    thread: Option<JoinHandle<io::Result<()>>>,
 }
 
 fn nbd_family(sock: &mut GenlSocket) -> io::Result<u16> {
@@ -124,8 +158,35 @@ impl KernelDevice {
             .ok_or_else(|| invalid(format!("no export '{export}' to attach")))?;
         let size = found.backend.size();
         let flags = found.transmission_flags();
-        let mut sock = GenlSocket::open()?;
-        let family = nbd_family(&mut sock)?;
+        let netlink = match options.interface {
+            Interface::Ioctl => None,
+            Interface::Netlink => {
+                let mut sock = GenlSocket::open()?;
+                let family = nbd_family(&mut sock)?;
+                Some((sock, family))
+            }
+            Interface::Auto => {
+                let mut sock = GenlSocket::open()?;
+                match nbd_family(&mut sock) {
+                    Ok(family) => Some((sock, family)),
+                    // The driver is there, its netlink interface is not: an older kernel.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::NotFound && Path::new("/sys/module/nbd").exists() =>
+                    {
+                        tracing::info!("the kernel's NBD driver has no netlink interface; using its ioctls");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if netlink.is_none() && !Path::new("/sys/module/nbd").exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the kernel's NBD driver is not loaded: run `modprobe nbd` as root (the module is nbd.ko, \
+                 in the kernel's own package)",
+            ));
+        }
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -146,6 +207,31 @@ impl KernelDevice {
             }));
             kernel_ends.push(theirs);
         }
+        let stop_serving = |stop: &watch::Sender<bool>| {
+            let _ = stop.send(true);
+        };
+        let Some((mut sock, family)) = netlink else {
+            let run = match attach_ioctl(&kernel_ends, size, flags, &options) {
+                Ok(r) => r,
+                Err(e) => {
+                    stop_serving(&stop);
+                    return Err(e);
+                }
+            };
+            let index = run.0;
+            let mut device = Self {
+                index,
+                server: server.clone(),
+                stop,
+                tasks,
+                runtime: Some(runtime),
+                _kernel_ends: kernel_ends,
+                ioctl: Some(run.1),
+            };
+            device.wait_ready(size)?;
+            tracing::info!(device = %device.path().display(), size, connections = options.connections, "NBD device attached (ioctl)");
+            return Ok(device);
+        };
         let sockets = kernel_ends
             .iter()
             .map(|s| {
@@ -168,9 +254,6 @@ impl KernelDevice {
         if let Some(i) = options.index {
             attrs.push(Attr::U32(NBD_ATTR_INDEX, i));
         }
-        let stop_serving = |stop: &watch::Sender<bool>| {
-            let _ = stop.send(true);
-        };
         let reply = match sock.request(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, &attrs) {
             Ok(r) => r,
             Err(e) => {
@@ -187,13 +270,14 @@ impl KernelDevice {
                 "the kernel did not say which device it attached",
             ));
         };
-        let device = Self {
+        let mut device = Self {
             index,
             server: server.clone(),
             stop,
             tasks,
             runtime: Some(runtime),
             _kernel_ends: kernel_ends,
+            ioctl: None,
         };
         device.wait_ready(size)?;
         tracing::info!(device = %device.path().display(), size, connections = options.connections, "NBD device attached");
@@ -201,10 +285,21 @@ impl KernelDevice {
     }
 
     /// Waits until the device shows its size in sysfs (the kernel sets it up asynchronously).
-    fn wait_ready(&self, size: u64) -> io::Result<()> {
+    fn wait_ready(&mut self, size: u64) -> io::Result<()> {
         let file = PathBuf::from(format!("/sys/block/nbd{}/size", self.index));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // An ioctl-attached device whose NBD_DO_IT returned at once never comes up.
+            if let Some(run) = &mut self.ioctl
+                && run.thread.as_ref().is_some_and(JoinHandle::is_finished)
+            {
+                let ended = run.thread.take().map(JoinHandle::join);
+                let e = match ended {
+                    Some(Ok(Err(e))) => e,
+                    _ => io::Error::other("NBD_DO_IT ended at once"),
+                };
+                return Err(as_root(&e, &format!("starting {}", self.path().display())));
+            }
             let sectors: u64 =
                 std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
             if sectors * 512 >= size.min(512) && sectors > 0 {
@@ -243,7 +338,23 @@ impl KernelDevice {
         let Some(runtime) = self.runtime.take() else {
             return Ok(());
         };
-        let disconnected = disconnect(self.index);
+        let disconnected = match &mut self.ioctl {
+            None => disconnect(self.index),
+            Some(run) => {
+                let asked = nbd_ioctl::disconnect(run.device.as_fd());
+                // NBD_DO_IT returns once the kernel has let go of the sockets.
+                let ended = match run.thread.take().map(JoinHandle::join) {
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => Err(io::Error::other("the NBD_DO_IT thread panicked")),
+                    None => Ok(()),
+                };
+                if let Err(e) = &ended {
+                    tracing::debug!(error = %e, "NBD_DO_IT ended with an error");
+                }
+                let _ = nbd_ioctl::clear_sock(run.device.as_fd());
+                asked
+            }
+        };
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut self.tasks);
         let server = self.server.clone();
@@ -263,6 +374,81 @@ impl KernelDevice {
         tracing::info!(device = %format!("/dev/nbd{}", self.index), "NBD device detached");
         disconnected.and(flushed)
     }
+}
+
+/// The devices sysfs shows, in index order, that no server is attached to.
+fn unused_devices() -> io::Result<Vec<u32>> {
+    let mut found: Vec<u32> = std::fs::read_dir("/sys/block")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nbd")?.parse().ok())
+        .filter(|i| !Path::new(&format!("/sys/block/nbd{i}/pid")).exists())
+        .filter(|i| std::fs::read_to_string(format!("/sys/block/nbd{i}/size")).is_ok_and(|s| s.trim() == "0"))
+        .collect();
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Configures a device with ioctls and starts `NBD_DO_IT` on a thread of its own.
+fn attach_ioctl(
+    sockets: &[UnixStream],
+    size: u64,
+    flags: u16,
+    options: &KernelOptions,
+) -> io::Result<(u32, IoctlRun)> {
+    let candidates = match options.index {
+        Some(i) => vec![i],
+        None => unused_devices()?,
+    };
+    let mut last = None;
+    for index in candidates {
+        let path = format!("/dev/nbd{index}");
+        let device = match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                last = Some(io::Error::new(e.kind(), format!("cannot open {path}: {e}")));
+                continue;
+            }
+        };
+        // The first socket claims the device; another process's device answers EBUSY.
+        match nbd_ioctl::set_sock(device.as_fd(), sockets[0].as_fd()) {
+            Ok(()) => {}
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                    && options.index.is_none() =>
+            {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(as_root(&e, &format!("attaching {path}"))),
+        }
+        let configure = || -> io::Result<()> {
+            for s in &sockets[1..] {
+                nbd_ioctl::set_sock(device.as_fd(), s.as_fd())?;
+            }
+            nbd_ioctl::set_block_size(device.as_fd(), options.block_size)?;
+            nbd_ioctl::set_size_blocks(device.as_fd(), size / options.block_size)?;
+            nbd_ioctl::set_flags(device.as_fd(), u64::from(flags))?;
+            if !options.timeout.is_zero() {
+                nbd_ioctl::set_timeout(device.as_fd(), secs(options.timeout))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = configure() {
+            let _ = nbd_ioctl::clear_sock(device.as_fd());
+            return Err(as_root(&e, &format!("configuring {path}")));
+        }
+        if !options.dead_conn_timeout.is_zero() {
+            tracing::debug!("the dead-connection timeout needs the netlink interface; not set");
+        }
+        let device = Arc::new(device);
+        let for_thread = Arc::clone(&device);
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd{index}-do-it"))
+            .spawn(move || nbd_ioctl::do_it(for_thread.as_fd()))?;
+        return Ok((index, IoctlRun { device, thread: Some(thread) }));
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no unused NBD device (load nbd with more: nbds_max=N)")
+    }))
 }
 
 impl Drop for KernelDevice {

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`mapping`]: shared memory mappings of files whose size never changes (r3map's FUSE files
 //!   and block devices).
+//! - [`nbd_ioctl`]: the kernel NBD driver's ioctls, for kernels without its netlink interface.
 //! - [`region_map`]: [`AnonMapping`], a private anonymous mapping filled by a userfaultfd
 //!   handler, accessed through volatile copies (no `&[u8]` view: its bytes change under any
 //!   reference).
@@ -15,6 +16,7 @@
 #![allow(unsafe_code)]
 
 pub mod mapping;
+pub mod nbd_ioctl;
 pub mod region_map;
 pub mod uffd;
 
