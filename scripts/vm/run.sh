@@ -74,6 +74,23 @@ cp "$root/bin/busybox" "$init/bin/"
 for applet in $("$init/bin/busybox" --list); do
   [ -e "$init/bin/$applet" ] || ln -s busybox "$init/bin/$applet"
 done
+# `wait-until SECONDS COMMAND...`: runs COMMAND every 0.1 s until it succeeds; fails, saying what
+# it waited for, when SECONDS pass first.
+cat > "$init/bin/wait-until" <<'WAIT'
+#!/bin/sh
+limit=$(($1 * 10))
+shift
+i=0
+until "$@" > /dev/null 2>&1; do
+  i=$((i + 1))
+  if [ "$i" -ge "$limit" ]; then
+    echo "wait-until: gave up waiting for: $*" >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+WAIT
+chmod +x "$init/bin/wait-until"
 # Modules, in the order they are loaded (each after what it needs); nbd with 8 devices.
 for m in lib/crc16.ko crypto/crc32c_generic.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko \
   drivers/block/loop.ko drivers/block/nbd.ko net/sched/sch_netem.ko; do

@@ -207,69 +207,20 @@ impl KernelDevice {
             }));
             kernel_ends.push(theirs);
         }
-        let stop_serving = |stop: &watch::Sender<bool>| {
-            let _ = stop.send(true);
-        };
-        let Some((mut sock, family)) = netlink else {
-            let run = match attach_ioctl(&kernel_ends, size, flags, &options) {
-                Ok(r) => r,
-                Err(e) => {
-                    stop_serving(&stop);
-                    return Err(e);
-                }
-            };
-            let index = run.0;
-            let mut device = Self {
-                index,
-                server: server.clone(),
-                stop,
-                tasks,
-                runtime: Some(runtime),
-                _kernel_ends: kernel_ends,
-                ioctl: Some(run.1),
-            };
-            device.wait_ready(size)?;
-            tracing::info!(device = %device.path().display(), size, connections = options.connections, "NBD device attached (ioctl)");
-            return Ok(device);
-        };
-        let sockets = kernel_ends
-            .iter()
-            .map(|s| {
-                let fd = u32::try_from(s.as_raw_fd()).expect("descriptors are not negative");
-                Attr::Nested(NBD_SOCK_ITEM, vec![Attr::U32(NBD_SOCK_FD, fd)])
-            })
-            .collect();
-        let mut attrs = vec![
-            Attr::U64(NBD_ATTR_SIZE_BYTES, size),
-            Attr::U64(NBD_ATTR_BLOCK_SIZE_BYTES, options.block_size),
-            Attr::U64(NBD_ATTR_SERVER_FLAGS, u64::from(flags)),
-            Attr::Nested(NBD_ATTR_SOCKETS, sockets),
-        ];
-        if !options.timeout.is_zero() {
-            attrs.push(Attr::U64(NBD_ATTR_TIMEOUT, secs(options.timeout)));
-        }
-        if !options.dead_conn_timeout.is_zero() {
-            attrs.push(Attr::U64(NBD_ATTR_DEAD_CONN_TIMEOUT, secs(options.dead_conn_timeout)));
-        }
-        if let Some(i) = options.index {
-            attrs.push(Attr::U32(NBD_ATTR_INDEX, i));
-        }
-        let reply = match sock.request(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, &attrs) {
-            Ok(r) => r,
-            Err(e) => {
-                stop_serving(&stop);
-                return Err(as_root(&e, "attaching an NBD device"));
+        let attached = match netlink {
+            None => attach_ioctl(&kernel_ends, size, flags, &options).map(|(i, run)| (i, Some(run))),
+            Some((mut sock, family)) => {
+                connect_netlink(&mut sock, family, &kernel_ends, size, flags, &options).map(|i| (i, None))
             }
         };
-        let Some(index) =
-            reply.iter().find(|a| a.kind == NBD_ATTR_INDEX).and_then(crate::netlink::RawAttr::u32)
-        else {
-            stop_serving(&stop);
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the kernel did not say which device it attached",
-            ));
+        let (index, ioctl) = match attached {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = stop.send(true);
+                return Err(e);
+            }
         };
+        let interface = if ioctl.is_some() { "ioctl" } else { "netlink" };
         let mut device = Self {
             index,
             server: server.clone(),
@@ -277,10 +228,10 @@ impl KernelDevice {
             tasks,
             runtime: Some(runtime),
             _kernel_ends: kernel_ends,
-            ioctl: None,
+            ioctl,
         };
         device.wait_ready(size)?;
-        tracing::info!(device = %device.path().display(), size, connections = options.connections, "NBD device attached");
+        tracing::info!(device = %device.path().display(), size, connections = options.connections, interface, "NBD device attached");
         Ok(device)
     }
 
@@ -374,6 +325,45 @@ impl KernelDevice {
         tracing::info!(device = %format!("/dev/nbd{}", self.index), "NBD device detached");
         disconnected.and(flushed)
     }
+}
+
+/// Attaches a device with one netlink `NBD_CMD_CONNECT`; returns the index the kernel chose.
+fn connect_netlink(
+    sock: &mut GenlSocket,
+    family: u16,
+    kernel_ends: &[UnixStream],
+    size: u64,
+    flags: u16,
+    options: &KernelOptions,
+) -> io::Result<u32> {
+    let sockets = kernel_ends
+        .iter()
+        .map(|s| {
+            let fd = u32::try_from(s.as_raw_fd()).expect("descriptors are not negative");
+            Attr::Nested(NBD_SOCK_ITEM, vec![Attr::U32(NBD_SOCK_FD, fd)])
+        })
+        .collect();
+    let mut attrs = vec![
+        Attr::U64(NBD_ATTR_SIZE_BYTES, size),
+        Attr::U64(NBD_ATTR_BLOCK_SIZE_BYTES, options.block_size),
+        Attr::U64(NBD_ATTR_SERVER_FLAGS, u64::from(flags)),
+        Attr::Nested(NBD_ATTR_SOCKETS, sockets),
+    ];
+    if !options.timeout.is_zero() {
+        attrs.push(Attr::U64(NBD_ATTR_TIMEOUT, secs(options.timeout)));
+    }
+    if !options.dead_conn_timeout.is_zero() {
+        attrs.push(Attr::U64(NBD_ATTR_DEAD_CONN_TIMEOUT, secs(options.dead_conn_timeout)));
+    }
+    if let Some(i) = options.index {
+        attrs.push(Attr::U32(NBD_ATTR_INDEX, i));
+    }
+    let reply = sock
+        .request(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, &attrs)
+        .map_err(|e| as_root(&e, "attaching an NBD device"))?;
+    reply.iter().find(|a| a.kind == NBD_ATTR_INDEX).and_then(crate::netlink::RawAttr::u32).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, "the kernel did not say which device it attached")
+    })
 }
 
 /// The devices sysfs shows, in index order, that no server is attached to.

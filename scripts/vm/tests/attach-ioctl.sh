@@ -1,21 +1,14 @@
 # The ioctl fallback of `r3map attach` (for kernels without the netlink interface): the first
 # unused device is claimed with two sockets, data written with direct I/O reads back equal, and
 # SIGINT disconnects it; a device another process holds is skipped.
-r3map attach memory:64MiB --interface ioctl --connections 2 --index 6 > /tmp/held.out 2> /tmp/held.err &
+r3map attach memory:64MiB --interface ioctl --connections 2 --index 6 > /tmp/held.out &
 held=$!
-for i in $(seq 100); do
-  grep -q '^attached /dev/nbd6' /tmp/held.out 2> /dev/null && break
-  sleep 0.1
-done
-cat /tmp/held.out /tmp/held.err
+wait-until 10 grep -q '^attached /dev/nbd6' /tmp/held.out
 test -e /sys/block/nbd6/pid
-r3map attach memory:64MiB --interface ioctl --connections 2 > /tmp/ioctl.out 2> /tmp/ioctl.err &
+r3map attach memory:64MiB --interface ioctl --connections 2 > /tmp/ioctl.out &
 pid=$!
-for i in $(seq 100); do
-  grep -q '^attached /dev/nbd' /tmp/ioctl.out 2> /dev/null && break
-  sleep 0.1
-done
-cat /tmp/ioctl.out /tmp/ioctl.err
+wait-until 10 grep -q '^attached /dev/nbd' /tmp/ioctl.out
+cat /tmp/ioctl.out
 dev=$(awk '/^attached/ {print $2}' /tmp/ioctl.out)
 test -b "$dev"
 test "$dev" != /dev/nbd6

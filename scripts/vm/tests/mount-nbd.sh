@@ -3,13 +3,13 @@
 # managed mount is intact when the remote is mounted again directly.
 r3map serve memory:128MiB --unix /tmp/remote.sock > /tmp/serve.log 2>&1 &
 server=$!
-for i in $(seq 100); do test -S /tmp/remote.sock && break; sleep 0.1; done
+wait-until 10 test -S /tmp/remote.sock
 remote='r3map+unix:///default?socket=/tmp/remote.sock'
 
 mount_nbd() { # $1: output file; the rest: extra flags
   out=$1; shift
   r3map mount "$remote" --nbd --nbd-connections 4 "$@" > "$out" 2>&1 &
-  for i in $(seq 150); do grep -q '^mounted ' "$out" 2> /dev/null && break; sleep 0.1; done
+  wait-until 15 grep -q '^mounted ' "$out"
   cat "$out"
 }
 device_of() { sed -n 's/^mounted .* at \(\/dev\/nbd[0-9]*\) in .*/\1/p' "$1"; }

@@ -2,10 +2,7 @@
 # a direct-I/O write read back equal, then ext4 made, mounted, written, remounted, intact.
 r3map serve memory:128MiB --nbd 127.0.0.1:10809 --insecure-plaintext > /tmp/serve.log 2>&1 &
 server=$!
-for i in $(seq 100); do
-  nbd-client -l 127.0.0.1 10809 > /dev/null 2>&1 && break
-  sleep 0.2
-done
+wait-until 20 nbd-client -l 127.0.0.1 10809
 nbd-client 127.0.0.1 10809 /dev/nbd0 -N default -b 4096
 dd if=/dev/urandom of=/tmp/a bs=1M count=16 2> /dev/null
 dd if=/tmp/a of=/dev/nbd0 bs=1M oflag=direct 2> /dev/null

@@ -4,10 +4,7 @@
 r3map serve memory:256MiB --nbd 127.0.0.1:10809 --insecure-plaintext --metrics 127.0.0.1:9100 \
   > /tmp/serve.log 2>&1 &
 server=$!
-for i in $(seq 100); do
-  nbd-client -l 127.0.0.1 10809 > /dev/null 2>&1 && break
-  sleep 0.2
-done
+wait-until 20 nbd-client -l 127.0.0.1 10809
 nbd-client 127.0.0.1 10809 /dev/nbd1 -N default -b 4096 -C 4
 # Four connections open on the server's side (the gauge of its Prometheus metrics).
 open=$(wget -qO- http://127.0.0.1:9100/metrics | awk '/^r3map_nbd_connections / {print $2}')

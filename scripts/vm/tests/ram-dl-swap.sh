@@ -1,22 +1,16 @@
 # ram-ul and ram-dl over the VM's loopback: ram-dl attaches the server's memory as a kernel NBD
 # device and makes it swap (free shows it); a process whose memory cgroup holds less than it
 # fills swaps through it and gets its data back; SIGINT takes the swap off and removes the device.
+# Their standard error goes to this test's output.
 ram-ul --backend memory --size 256MiB --addr 127.0.0.1:1337 --insecure-plaintext --mlock \
-  --metrics 127.0.0.1:9101 > /tmp/ul.out 2> /tmp/ul.err &
+  --metrics 127.0.0.1:9101 > /tmp/ul.out &
 ul=$!
-for i in $(seq 100); do
-  grep -q '^serving ' /tmp/ul.out 2> /dev/null && break
-  sleep 0.1
-done
-cat /tmp/ul.out /tmp/ul.err
+wait-until 10 grep -q '^serving ' /tmp/ul.out
 swap_before=$(free | awk '/^Swap:/ {print $2}')
-ram-dl --insecure-plaintext > /tmp/dl.out 2> /tmp/dl.err &
+ram-dl --insecure-plaintext > /tmp/dl.out &
 dl=$!
-for i in $(seq 300); do
-  grep -q '^swap on ' /tmp/dl.out 2> /dev/null && break
-  sleep 0.1
-done
-cat /tmp/dl.out /tmp/dl.err
+wait-until 30 grep -q '^swap on ' /tmp/dl.out
+cat /tmp/dl.out
 # The kernel NBD path was taken (nbd.ko is loaded here), and said so.
 grep -q '^/dev/nbd[0-9]*: 256.0 MiB from localhost:1337 (kernel NBD, 4 connections)' /tmp/dl.out
 dev=$(sed -n 's/^swap on \([^:]*\):.*/\1/p' /tmp/dl.out)
