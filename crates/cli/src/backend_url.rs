@@ -95,6 +95,23 @@ pub struct Opened {
     pub backend: SharedBackend,
     /// `memory`, `file /srv/disk.img`, `directory /srv/chunks (64.0 KiB chunks)`, ...
     pub description: String,
+    /// The data lives only as long as this process (memory): a server says so to its clients,
+    /// so that they do not take a restarted server's empty memory for their data.
+    pub volatile: bool,
+}
+
+impl Opened {
+    /// A backend whose data outlives this process.
+    #[must_use]
+    pub fn new(backend: SharedBackend, description: String) -> Self {
+        Self { backend, description, volatile: false }
+    }
+
+    /// A backend whose data is gone when this process ends.
+    #[must_use]
+    pub fn volatile(backend: SharedBackend, description: String) -> Self {
+        Self { backend, description, volatile: true }
+    }
 }
 
 impl std::fmt::Debug for Opened {
@@ -141,7 +158,7 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
             if size == 0 {
                 bail!("the size of a memory backend must not be zero");
             }
-            Ok(Opened { backend: Arc::new(Memory::new(size)), description: "memory".to_owned() })
+            Ok(Opened::volatile(Arc::new(Memory::new(size)), "memory".to_owned()))
         }
         "file" => {
             let (path, mut params) = path_and_params(url)?;
@@ -166,7 +183,7 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
         "r3map" | "r3map+plain" | "r3map+unix" => {
             let remote = r3map_net::RemoteBackend::open(url)?;
             let description = format!("r3map server {}", remote_name(url));
-            Ok(Opened { backend: Arc::new(remote), description })
+            Ok(Opened::new(Arc::new(remote), description))
         }
         "grpc" => {
             let parsed = url::Url::parse(url).map_err(|e| anyhow!("it is not a valid URL: {e}"))?;
@@ -183,17 +200,17 @@ fn open_inner(url: &str, options: &OpenOptions) -> anyhow::Result<Opened> {
             let endpoint = format!("http://{host}:{port}");
             let remote =
                 r3map_grpc::GrpcBackend::connect(&endpoint, size, r3map_grpc::GrpcClientOptions::default())?;
-            Ok(Opened { backend: Arc::new(remote), description: format!("gRPC server {endpoint}") })
+            Ok(Opened::new(Arc::new(remote), format!("gRPC server {endpoint}")))
         }
         "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => {
             let remote = r3map_nbd::NbdBackend::open(url)?;
             let description = nbd_description(&remote);
-            Ok(Opened { backend: Arc::new(remote), description })
+            Ok(Opened::new(Arc::new(remote), description))
         }
         "redis" | "rediss" | "redis+unix" | "s3" | "cassandra" | "cassandrasecure" => {
             let stored = r3map_stores::open(url, options.chunk_size)?;
             let description = stored.store().describe();
-            Ok(Opened { backend: Arc::new(stored), description })
+            Ok(Opened::new(Arc::new(stored), description))
         }
         other => bail!("unknown backend type '{other}'; {FORMS}"),
     }
@@ -300,7 +317,7 @@ pub fn open_file(path: &Path, size: Option<u64>, truncate: bool, read_only: bool
         if read_only {
             bail!("{shown} does not exist, and a read-only server does not create files");
         }
-        return Ok(Opened { backend: Arc::new(File::create(path, size)?), description });
+        return Ok(Opened::new(Arc::new(File::create(path, size)?), description));
     };
     let file_type = meta.file_type();
     if file_type.is_block_device() {
@@ -318,7 +335,7 @@ pub fn open_file(path: &Path, size: Option<u64>, truncate: bool, read_only: bool
                 human(size)
             );
         }
-        return Ok(Opened { backend, description: format!("block device {shown}") });
+        return Ok(Opened::new(backend, format!("block device {shown}")));
     }
     if !file_type.is_file() {
         bail!("{shown} is neither a regular file nor a block device");
@@ -327,14 +344,14 @@ pub fn open_file(path: &Path, size: Option<u64>, truncate: bool, read_only: bool
         None if meta.len() == 0 => {
             bail!("{shown} is empty; add ?size=SIZE to give it a size")
         }
-        None => Ok(Opened { backend: open(read_only)?, description }),
+        None => Ok(Opened::new(open(read_only)?, description)),
         Some(size) if truncate || meta.len() == 0 => {
             if read_only {
                 bail!("a read-only server does not change files: drop truncate=true or the size");
             }
-            Ok(Opened { backend: Arc::new(File::create(path, size)?), description })
+            Ok(Opened::new(Arc::new(File::create(path, size)?), description))
         }
-        Some(size) if size == meta.len() => Ok(Opened { backend: open(read_only)?, description }),
+        Some(size) if size == meta.len() => Ok(Opened::new(open(read_only)?, description)),
         Some(size) => bail!(
             "{shown} holds {} ({} bytes), not the {} ({size} bytes) asked for with ?size; add &truncate=true to \
              empty it and set the new size, or drop ?size to use it as it is",
@@ -373,7 +390,7 @@ pub fn open_dir(path: &Path, size: u64, chunk_size: u64, max_open: usize) -> any
     }
     let description =
         format!("directory {} ({} chunks, {max_open} open files)", path.display(), human(chunk_size));
-    Ok(Opened { backend: Arc::new(dir), description })
+    Ok(Opened::new(Arc::new(dir), description))
 }
 
 #[cfg(test)]

@@ -257,9 +257,9 @@ fn leech(args: &LeechArgs) -> anyhow::Result<()> {
     );
     match then_seed {
         // The next hop: the same open backend, served as a migration source.
-        Some(config) => serve::run(&config, move || {
-            Ok(backend_url::Opened { backend: local_backend, description: local.description })
-        }),
+        Some(config) => {
+            serve::run(&config, move || Ok(backend_url::Opened { backend: local_backend, ..local }))
+        }
         None => Ok(()),
     }
 }

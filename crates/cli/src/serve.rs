@@ -611,6 +611,10 @@ fn export(
         Export::new(config.export.clone(), backend)
     };
     export = export.with_chunk_size(chunk_size);
+    if opened.volatile {
+        // Clients then refuse a restarted server instead of reading its empty memory as theirs.
+        export = export.volatile();
+    }
     if config.read_only {
         export = export.read_only();
         traits.push("read-only".to_owned());

@@ -585,6 +585,20 @@ async fn connection(
                 continue;
             }
             match target.connect().await {
+                Ok((_, now)) if info.flags & export_flags::VOLATILE != 0 && now.instance != info.instance => {
+                    let e = io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!(
+                            "the server at {} restarted and its export lives in its memory: the data \
+                             written before is gone",
+                            target.address
+                        ),
+                    );
+                    tracing::error!(address = %target.address, "{e}");
+                    fail_all(&mut queue, &e);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
                 Ok((io, now)) if now.size == info.size && now.chunk_size == info.chunk_size => {
                     backoff = Duration::from_millis(50);
                     if connected_before {

@@ -308,6 +308,10 @@ pub struct ExportInfo {
     /// The largest request and reply payload on this connection (the smaller of both sides').
     pub max_request: u32,
     pub flags: u32,
+    /// Which incarnation of the export this is: a random number drawn when the server opened it.
+    /// With [`export_flags::VOLATILE`], another number after a reconnection means the server
+    /// restarted and the data is gone.
+    pub instance: u64,
 }
 
 /// [`ExportInfo::flags`] bits.
@@ -316,6 +320,8 @@ pub mod export_flags {
     pub const TRIM: u32 = 1 << 1;
     pub const WRITE_ZEROES: u32 = 1 << 2;
     pub const SEEDER: u32 = 1 << 3;
+    /// The data lives only as long as the server process (a memory backend).
+    pub const VOLATILE: u32 = 1 << 4;
 }
 
 /// The server's answer to a [`ClientHello`].
@@ -338,6 +344,7 @@ impl ServerHello {
                 b.extend_from_slice(&info.chunk_size.to_be_bytes());
                 b.extend_from_slice(&info.max_request.to_be_bytes());
                 b.extend_from_slice(&info.flags.to_be_bytes());
+                b.extend_from_slice(&info.instance.to_be_bytes());
             }
             Self::Refused { version, reason, message } => {
                 b.extend_from_slice(&version.to_be_bytes());
@@ -361,15 +368,15 @@ impl ServerHello {
         let Some(version) = r.u16() else { return Ok(None) };
         let Some(status) = r.u16() else { return Ok(None) };
         if status == 0 {
-            let (Some(size), Some(chunk_size), Some(max_request), Some(flags)) =
-                (r.u64(), r.u32(), r.u32(), r.u32())
+            let (Some(size), Some(chunk_size), Some(max_request), Some(flags), Some(instance)) =
+                (r.u64(), r.u32(), r.u32(), r.u32(), r.u64())
             else {
                 return Ok(None);
             };
             if max_request < MIN_MAX_REQUEST {
                 return Err(FrameError::MaxRequestTooSmall(max_request));
             }
-            let info = ExportInfo { size, chunk_size, max_request, flags };
+            let info = ExportInfo { size, chunk_size, max_request, flags, instance };
             return Ok(Some((Self::Accepted { version, info }, r.pos)));
         }
         let reason = Refusal::from_u16(status)?;
@@ -496,8 +503,13 @@ mod tests {
             assert_eq!(ClientHello::decode(&enc[..cut]), Ok(None), "cut at {cut}");
         }
         assert_eq!(ClientHello::decode(&enc), Ok(Some((c, enc.len()))));
-        let info =
-            ExportInfo { size: 5, chunk_size: 4096, max_request: 1 << 20, flags: export_flags::SEEDER };
+        let info = ExportInfo {
+            size: 5,
+            chunk_size: 4096,
+            max_request: 1 << 20,
+            flags: export_flags::SEEDER,
+            instance: 7,
+        };
         let s = ServerHello::Accepted { version: 1, info };
         assert_eq!(ServerHello::decode(&s.encode()), Ok(Some((s.clone(), s.encode().len()))));
         let r = ServerHello::Refused { version: 1, reason: Refusal::Unauthorized, message: "no".into() };

@@ -41,6 +41,11 @@ pub struct Export {
     /// Chunk size announced to clients (a hint for their own chunking).
     pub chunk_size: u32,
     pub read_only: bool,
+    /// The data is gone when this process ends (a memory backend); clients are told, with the
+    /// export's instance number, so that they never take a restarted server for the old one.
+    pub volatile: bool,
+    /// Drawn at random when the export is made (see [`ExportInfo::instance`]).
+    instance: u64,
     /// The last answers to the seeder operations, for a destination that asks again.
     answers: Arc<Mutex<SeederAnswers>>,
 }
@@ -105,8 +110,17 @@ impl Export {
             seeder: None,
             chunk_size: 64 * 1024,
             read_only: false,
+            volatile: false,
+            instance: fastrand::u64(1..),
             answers: Arc::default(),
         }
+    }
+
+    /// Marks the export volatile (see [`Export::volatile`]).
+    #[must_use]
+    pub fn volatile(mut self) -> Self {
+        self.volatile = true;
+        self
     }
 
     #[must_use]
@@ -142,7 +156,16 @@ impl Export {
         if self.seeder.is_some() {
             flags |= export_flags::SEEDER;
         }
-        ExportInfo { size: self.backend.size(), chunk_size: self.chunk_size, max_request, flags }
+        if self.volatile {
+            flags |= export_flags::VOLATILE;
+        }
+        ExportInfo {
+            size: self.backend.size(),
+            chunk_size: self.chunk_size,
+            max_request,
+            flags,
+            instance: self.instance,
+        }
     }
 }
 

@@ -439,6 +439,30 @@ fn the_client_rides_out_a_server_restart() {
 }
 
 #[test]
+fn a_restarted_server_whose_memory_is_gone_is_an_error_not_zeroes() {
+    let volatile = |backend: Arc<Memory>| Export::new("default", backend).volatile();
+    let config = ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext);
+    let server =
+        ServerHandle::start_tcp(Server::new(config).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().unwrap();
+    let mut options = plain_options(None);
+    options.timeout = Duration::from_secs(5);
+    let client = RemoteBackend::connect(tcp(&server), options).unwrap();
+    assert_ne!(client.info().flags & proto::export_flags::VOLATILE, 0);
+    client.write_at(&[7u8; 4096], 0).unwrap();
+    server.shutdown().unwrap();
+
+    // The same size and chunk size, on the same address: only the instance tells it apart.
+    let config = ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext);
+    let _restarted = ServerHandle::start_tcp(Server::new(config).unwrap(), addr).unwrap();
+    let mut buf = [0u8; 4096];
+    let err = client.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
+    assert!(err.to_string().contains("restarted"), "{err}");
+    assert_eq!(buf, [0u8; 4096], "nothing was read");
+}
+
+#[test]
 fn a_server_that_never_comes_back_is_a_timeout() {
     let server = start(Arc::new(Memory::new(4096)), ServerSecurity::Plaintext, None);
     let mut options = plain_options(None);

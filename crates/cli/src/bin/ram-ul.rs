@@ -117,9 +117,7 @@ fn open(cli: &Cli) -> anyhow::Result<Opened> {
         bail!("--size must not be zero");
     }
     match cli.backend {
-        Kind::Memory => {
-            Ok(Opened { backend: Arc::new(Memory::new(cli.size)), description: "memory".to_owned() })
-        }
+        Kind::Memory => Ok(Opened::volatile(Arc::new(Memory::new(cli.size)), "memory".to_owned())),
         Kind::File => {
             clear(&cli.location)?;
             backend_url::open_file(&cli.location, Some(cli.size), true, false)
