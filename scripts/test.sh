@@ -71,6 +71,8 @@ cargo nextest run --workspace --locked --no-fail-fast
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   log "kernel-path tests in a VM"
   bash scripts/vm/run.sh
+  log "kernel block device benchmark in the VM (smoke run)"
+  bash scripts/bench-vm.sh --quick
 else
   echo "skipped the VM tests: they need root and apt-get (to fetch Debian's kernel and QEMU)" >&2
 fi

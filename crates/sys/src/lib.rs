@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`mapping`]: shared memory mappings of files whose size never changes (r3map's FUSE files
 //!   and block devices).
+//! - [`loop_ioctl`]: binding a loop device to a file without `losetup`.
 //! - [`nbd_ioctl`]: the kernel NBD driver's ioctls, for kernels without its netlink interface.
 //! - [`region_map`]: [`AnonMapping`], a private anonymous mapping filled by a userfaultfd
 //!   handler, accessed through volatile copies (no `&[u8]` view: its bytes change under any
@@ -15,6 +16,7 @@
 // The workspace denies unsafe code; this crate exists to hold it.
 #![allow(unsafe_code)]
 
+pub mod loop_ioctl;
 pub mod mapping;
 pub mod nbd_ioctl;
 pub mod region_map;
