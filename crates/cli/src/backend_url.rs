@@ -95,8 +95,9 @@ pub struct Opened {
     pub backend: SharedBackend,
     /// `memory`, `file /srv/disk.img`, `directory /srv/chunks (64.0 KiB chunks)`, ...
     pub description: String,
-    /// The data lives only as long as this process (memory): a server says so to its clients,
-    /// so that they do not take a restarted server's empty memory for their data.
+    /// The data does not outlive this process: memory, or storage emptied on every start
+    /// (`truncate=true`). A server says so to its clients, so that they do not take a restarted
+    /// server's empty storage for their data.
     pub volatile: bool,
 }
 
@@ -107,7 +108,7 @@ impl Opened {
         Self { backend, description, volatile: false }
     }
 
-    /// A backend whose data is gone when this process ends.
+    /// A backend whose data is gone when this process ends (or starts again).
     #[must_use]
     pub fn volatile(backend: SharedBackend, description: String) -> Self {
         Self { backend, description, volatile: true }
@@ -349,7 +350,13 @@ pub fn open_file(path: &Path, size: Option<u64>, truncate: bool, read_only: bool
             if read_only {
                 bail!("a read-only server does not change files: drop truncate=true or the size");
             }
-            Ok(Opened::new(Arc::new(File::create(path, size)?), description))
+            let backend = Arc::new(File::create(path, size)?);
+            // Emptied on every start: a restarted server no longer has what it had.
+            Ok(if truncate {
+                Opened::volatile(backend, description)
+            } else {
+                Opened::new(backend, description)
+            })
         }
         Some(size) if size == meta.len() => Ok(Opened::new(open(read_only)?, description)),
         Some(size) => bail!(
@@ -419,6 +426,18 @@ mod tests {
         let mut buf = [0u8; 3];
         m.backend.read_at(&mut buf, 10).unwrap();
         assert_eq!(buf, [1, 2, 3]);
+    }
+
+    #[test]
+    fn only_data_that_does_not_survive_a_restart_is_volatile() {
+        assert!(ok("memory:1MiB").volatile);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        assert!(!ok(&url("file", &path, "?size=1MiB")).volatile, "created, then kept on restart");
+        assert!(!ok(&url("file", &path, "?size=1MiB")).volatile);
+        assert!(!ok(&url("file", &path, "")).volatile);
+        assert!(ok(&url("file", &path, "?size=1MiB&truncate=true")).volatile, "emptied on every start");
+        assert!(!ok(&url("dir", &dir.path().join("d"), "?size=1MiB")).volatile);
     }
 
     #[test]

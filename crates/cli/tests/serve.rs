@@ -375,6 +375,23 @@ fn ram_ul_serves_memory_of_the_right_size() {
 }
 
 #[test]
+fn a_client_refuses_a_restarted_ram_ul_whose_storage_started_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().join("ram").display().to_string();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let args = ["--location", &location, "--size", "1MiB", "--addr", &addr, "--insecure-plaintext"];
+    let server = Proc::start(RAM_UL, &args, dir.path(), &[]);
+    let client = RemoteBackend::open(&format!("r3map+plain://{addr}/default?timeout=10")).unwrap();
+    client.write_at(&[9u8; 4096], 0).unwrap();
+    drop(server);
+    let _restarted = Proc::start(RAM_UL, &args, dir.path(), &[]);
+    let mut buf = [0u8; 4096];
+    let e = client.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+    assert!(e.to_string().contains("restarted"), "{e}");
+}
+
+#[test]
 fn ram_ul_directory_and_file_backends_start_afresh() {
     let dir = tempfile::tempdir().unwrap();
     let chunks = dir.path().join("chunks");

@@ -118,13 +118,17 @@ fn open(cli: &Cli) -> anyhow::Result<Opened> {
     }
     match cli.backend {
         Kind::Memory => Ok(Opened::volatile(Arc::new(Memory::new(cli.size)), "memory".to_owned())),
+        // Whatever the backend, ram-ul starts afresh: its clients must not take a restarted
+        // ram-ul's empty storage for their data.
         Kind::File => {
             clear(&cli.location)?;
-            backend_url::open_file(&cli.location, Some(cli.size), true, false)
+            let opened = backend_url::open_file(&cli.location, Some(cli.size), true, false)?;
+            Ok(Opened { volatile: true, ..opened })
         }
         Kind::Directory => {
             clear(&cli.location)?;
-            backend_url::open_dir(&cli.location, cli.size, cli.chunk_size, DEFAULT_MAX_OPEN)
+            let opened = backend_url::open_dir(&cli.location, cli.size, cli.chunk_size, DEFAULT_MAX_OPEN)?;
+            Ok(Opened { volatile: true, ..opened })
         }
     }
 }
