@@ -928,14 +928,35 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) -> usize {
 /// to request: it only ever grows, so large reads neither allocate nor zero memory again.
 pub(crate) fn execute(conn: &Conn, cmd: Command, req: &Request, payload: &[u8], out: &mut Vec<u8>) -> usize {
     let started = Instant::now();
-    let name = cmd.name();
     let (n, ok) = run(conn, cmd, req, payload, out);
-    metrics::counter!("r3map_nbd_requests_total", "op" => name).increment(1);
-    metrics::histogram!("r3map_nbd_request_seconds", "op" => name).record(started.elapsed().as_secs_f64());
-    if !ok {
-        metrics::counter!("r3map_nbd_errors_total", "op" => name).increment(1);
-    }
+    record(cmd, started.elapsed().as_secs_f64(), ok);
     n
+}
+
+/// Counts a request in the metrics. Each operation's label is a literal, so its metric keys are
+/// statics: a key built from a runtime string allocates, twice per request, and a server that
+/// serves swap must not allocate per request.
+fn record(cmd: Command, seconds: f64, ok: bool) {
+    macro_rules! per_op {
+        ($op:literal) => {{
+            metrics::counter!("r3map_nbd_requests_total", "op" => $op).increment(1);
+            metrics::histogram!("r3map_nbd_request_seconds", "op" => $op).record(seconds);
+            if !ok {
+                metrics::counter!("r3map_nbd_errors_total", "op" => $op).increment(1);
+            }
+        }};
+    }
+    match cmd {
+        Command::Read => per_op!("read"),
+        Command::Write => per_op!("write"),
+        Command::Disc => per_op!("disc"),
+        Command::Flush => per_op!("flush"),
+        Command::Trim => per_op!("trim"),
+        Command::Cache => per_op!("cache"),
+        Command::WriteZeroes => per_op!("write_zeroes"),
+        Command::BlockStatus => per_op!("block_status"),
+        Command::Resize => per_op!("resize"),
+    }
 }
 
 /// The reply to a checked request (its length in `out`), and whether it succeeded.

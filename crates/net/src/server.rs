@@ -574,13 +574,33 @@ fn execute(export: &Export, pool: &BufPool, h: RequestHeader, payload: Vec<u8>) 
     }
 }
 
+/// Counts a request in the metrics. Each operation's label is a literal, so that its metric keys
+/// are statics (a key built from a runtime string allocates on every request).
 fn record(op: Op, reply: &Reply, started: Instant) {
-    let name = op.name();
-    metrics::counter!("r3map_server_requests_total", "op" => name).increment(1);
-    metrics::histogram!("r3map_server_request_seconds", "op" => name).record(started.elapsed().as_secs_f64());
-    if reply.header.status != 0 {
-        metrics::counter!("r3map_server_errors_total", "op" => name).increment(1);
-    } else if op == Op::Read {
+    let seconds = started.elapsed().as_secs_f64();
+    let failed = reply.header.status != 0;
+    macro_rules! per_op {
+        ($op:literal) => {{
+            metrics::counter!("r3map_server_requests_total", "op" => $op).increment(1);
+            metrics::histogram!("r3map_server_request_seconds", "op" => $op).record(seconds);
+            if failed {
+                metrics::counter!("r3map_server_errors_total", "op" => $op).increment(1);
+            }
+        }};
+    }
+    match op {
+        Op::Read => per_op!("read"),
+        Op::Write => per_op!("write"),
+        Op::Flush => per_op!("flush"),
+        Op::Trim => per_op!("trim"),
+        Op::WriteZeroes => per_op!("write_zeroes"),
+        Op::Track => per_op!("track"),
+        Op::Sync => per_op!("sync"),
+        Op::Close => per_op!("close"),
+        Op::Disconnect => per_op!("disconnect"),
+        Op::Dirty => per_op!("dirty"),
+    }
+    if !failed && op == Op::Read {
         metrics::counter!("r3map_server_bytes_total", "direction" => "read")
             .increment(u64::from(reply.header.length));
     }
