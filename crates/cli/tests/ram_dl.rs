@@ -282,3 +282,29 @@ fn a_size_other_than_the_servers_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("serves 64.0 MiB") && stderr.contains("not --size"), "{stderr}");
 }
+
+#[test]
+fn nbd_asked_for_without_nbd_ko_says_how_to_load_it() {
+    if let Some(why) = missing() {
+        return eprintln!("skipped: {why}");
+    }
+    if Path::new("/sys/module/nbd").exists() {
+        return eprintln!("skipped: nbd.ko is loaded here (the VM tests cover the NBD path)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::start(
+        RAM_UL,
+        &["--backend", "memory", "--size", "64MiB", "--addr", "127.0.0.1:0", "--insecure-plaintext"],
+        dir.path(),
+        &[],
+    );
+    let out = Command::new(RAM_DL)
+        .args(["--raddr", &server.tcp(), "--insecure-plaintext", "--frontend", "nbd"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("modprobe nbd") && stderr.contains("--frontend fuse"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("swap on"));
+}
