@@ -244,21 +244,38 @@ fn remote_memory_is_swap_for_a_memory_limited_process_and_ctrl_c_removes_it() {
     assert!(!is_mounted(&mountpoint));
 }
 
+/// A ram-ul serving 64 MiB of memory on a free port.
+fn small_server(dir: &Path) -> Proc {
+    Proc::start(
+        RAM_UL,
+        &["--backend", "memory", "--size", "64MiB", "--addr", "127.0.0.1:0", "--insecure-plaintext"],
+        dir,
+        &[],
+    )
+}
+
+/// Runs ram-dl with `args` (plaintext) where it must fail before any swap exists; its standard
+/// error.
+fn ram_dl_fails(raddr: &str, args: &[&str]) -> String {
+    let out = Command::new(RAM_DL)
+        .args(["--raddr", raddr, "--insecure-plaintext"])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("swap on"));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn an_unreachable_server_is_a_clear_error_and_leaves_no_swap() {
     if let Some(why) = missing() {
         return eprintln!("skipped: {why}");
     }
     let addr = format!("127.0.0.1:{}", free_port());
-    let out = Command::new(RAM_DL)
-        .args(["--raddr", &addr, "--insecure-plaintext"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = ram_dl_fails(&addr, &[]);
     assert!(stderr.contains(&format!("cannot reach the server at {addr}")), "{stderr}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("swap on"));
 }
 
 #[test]
@@ -267,19 +284,8 @@ fn a_size_other_than_the_servers_is_refused() {
         return eprintln!("skipped: {why}");
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Proc::start(
-        RAM_UL,
-        &["--backend", "memory", "--size", "64MiB", "--addr", "127.0.0.1:0", "--insecure-plaintext"],
-        dir.path(),
-        &[],
-    );
-    let out = Command::new(RAM_DL)
-        .args(["--raddr", &server.tcp(), "--insecure-plaintext", "--size", "128MiB"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let server = small_server(dir.path());
+    let stderr = ram_dl_fails(&server.tcp(), &["--size", "128MiB"]);
     assert!(stderr.contains("serves 64.0 MiB") && stderr.contains("not --size"), "{stderr}");
 }
 
@@ -292,19 +298,7 @@ fn nbd_asked_for_without_nbd_ko_says_how_to_load_it() {
         return eprintln!("skipped: nbd.ko is loaded here (the VM tests cover the NBD path)");
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Proc::start(
-        RAM_UL,
-        &["--backend", "memory", "--size", "64MiB", "--addr", "127.0.0.1:0", "--insecure-plaintext"],
-        dir.path(),
-        &[],
-    );
-    let out = Command::new(RAM_DL)
-        .args(["--raddr", &server.tcp(), "--insecure-plaintext", "--frontend", "nbd"])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let server = small_server(dir.path());
+    let stderr = ram_dl_fails(&server.tcp(), &["--frontend", "nbd"]);
     assert!(stderr.contains("modprobe nbd") && stderr.contains("--frontend fuse"), "{stderr}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("swap on"));
 }
