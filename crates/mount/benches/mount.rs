@@ -24,6 +24,9 @@ use r3map_core::pipeline::synced::DEFAULT_CHUNK_SIZE;
 use r3map_core::{Backend, Delay, Memory, SharedBackend};
 use r3map_mount::{Frontend, FuseOptions, Hooks, ManagedOptions, Mount, MountOptions};
 
+mod common;
+use common::{fmt_duration, quantile};
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
@@ -47,24 +50,6 @@ struct Config {
 
 fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e9
-}
-
-/// The `p` quantile (nearest rank) of `samples`.
-fn quantile(samples: &[Duration], p: f64) -> Duration {
-    let mut s = samples.to_vec();
-    s.sort_unstable();
-    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
-    s[rank - 1]
-}
-
-fn fmt_duration(d: Duration) -> String {
-    if d < Duration::from_millis(1) {
-        format!("{:.0} µs", d.as_secs_f64() * 1e6)
-    } else if d < Duration::from_secs(1) {
-        format!("{:.2} ms", d.as_secs_f64() * 1e3)
-    } else {
-        format!("{:.2} s", d.as_secs_f64())
-    }
 }
 
 fn tag(generation: u64, mib: u64) -> u64 {
