@@ -183,12 +183,47 @@ fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the client is closed")
 }
 
+/// Requests of at most this many bytes are small: with two connections or more, they keep off
+/// the connections that carry larger transfers (see [`RemoteBackend::lane`]).
+const SMALL_REQUEST: u64 = 1 << 20;
+
+/// [`RemoteBackend::lane`] for the connections whose large requests in flight are `bulk`, on the
+/// caller's `turn` (a counter that spreads requests round the connections).
+fn pick_lane(bulk: &[AtomicUsize], turn: usize, bytes: u64) -> usize {
+    let n = bulk.len();
+    if n < 2 {
+        return 0;
+    }
+    if bytes > SMALL_REQUEST {
+        return 1 + turn % (n - 1);
+    }
+    (0..n).map(|k| (turn + k) % n).find(|&i| bulk[i].load(Ordering::Relaxed) == 0).unwrap_or(0)
+}
+
+/// A request on its way: where its answer arrives, and its place among the large transfers in
+/// flight, given back when the caller is done with it.
+struct Sent<'a> {
+    rx: std_mpsc::Receiver<io::Result<Vec<u8>>>,
+    _bulk: Option<BulkSlot<'a>>,
+}
+
+/// One large request counted on its connection until dropped.
+struct BulkSlot<'a>(&'a AtomicUsize);
+
+impl Drop for BulkSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A `Backend` on an r3map server. See the module docs.
 pub struct RemoteBackend {
     address: Address,
     info: ExportInfo,
     conns: Vec<mpsc::UnboundedSender<Request>>,
     next: AtomicUsize,
+    /// Large requests in flight on each connection (see [`RemoteBackend::lane`]).
+    bulk: Vec<AtomicUsize>,
     /// Number of the last pre-copy round asked for (sent with DIRTY, so that a round asked for
     /// again after a lost answer gets the same chunks).
     round: AtomicU64,
@@ -305,12 +340,30 @@ impl RemoteBackend {
             .build()?;
         let target = Arc::new(Target { address: address.clone(), options });
         let (first, info) = runtime.block_on(target.connect())?;
+        // The other connections are opened now, all at once, rather than on their first request:
+        // a read someone waits for must not pay for a handshake (two round trips). One that
+        // fails here is opened on its first request.
+        let others = runtime.block_on(async {
+            let tasks: Vec<_> = (1..target.options.connections.max(1))
+                .map(|_| {
+                    let target = Arc::clone(&target);
+                    tokio::spawn(async move { target.connect().await })
+                })
+                .collect();
+            let mut opened = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                opened.push(match t.await {
+                    Ok(Ok((io, now))) if now.size == info.size && now.instance == info.instance => Some(io),
+                    _ => None,
+                });
+            }
+            opened
+        });
         let pool = Arc::new(BufPool::new(64));
         let mut conns = Vec::new();
-        let mut first = Some(first);
-        for _ in 0..target.options.connections.max(1) {
+        for io in std::iter::once(Some(first)).chain(others) {
             let (tx, rx) = mpsc::unbounded_channel();
-            runtime.spawn(connection(Arc::clone(&target), info, first.take(), rx, Arc::clone(&pool)));
+            runtime.spawn(connection(Arc::clone(&target), info, io, rx, Arc::clone(&pool)));
             conns.push(tx);
         }
         Ok(Self {
@@ -318,6 +371,7 @@ impl RemoteBackend {
             info,
             conns,
             next: AtomicUsize::new(0),
+            bulk: (0..target.options.connections.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             round: AtomicU64::new(0),
             pool,
             timeout: target.options.timeout,
@@ -331,23 +385,32 @@ impl RemoteBackend {
         self.info
     }
 
-    fn send(
-        &self,
-        op: Op,
-        offset: u64,
-        length: u32,
-        payload: Vec<u8>,
-    ) -> io::Result<std_mpsc::Receiver<io::Result<Vec<u8>>>> {
+    fn send(&self, op: Op, offset: u64, length: u32, payload: Vec<u8>) -> io::Result<Sent<'_>> {
         let (reply, rx) = std_mpsc::sync_channel(1);
+        let bytes = u64::from(length).max(len64(&payload));
         let request = Request {
             header: RequestHeader { op, flags: 0, id: 0, offset, length },
             payload: Arc::new(payload),
             reply,
             deadline: Instant::now() + self.timeout,
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let i = self.lane(bytes);
+        let bulk = (bytes > SMALL_REQUEST).then(|| {
+            self.bulk[i].fetch_add(1, Ordering::Relaxed);
+            BulkSlot(&self.bulk[i])
+        });
         self.conns[i].send(request).map_err(|_| closed())?;
-        Ok(rx)
+        Ok(Sent { rx, _bulk: bulk })
+    }
+
+    /// The connection a request of `bytes` goes on. With one connection, that one. With more, a
+    /// large transfer (a background pull's, say) never takes the first connection, and a small
+    /// request takes a connection without a large transfer in flight (the first one always
+    /// qualifies): so a read someone waits for is never queued behind megabytes of another
+    /// request's data, while small requests still spread over every connection when nothing
+    /// large is going on.
+    fn lane(&self, bytes: u64) -> usize {
+        pick_lane(&self.bulk, self.next.fetch_add(1, Ordering::Relaxed), bytes)
     }
 
     fn wait(&self, rx: &std_mpsc::Receiver<io::Result<Vec<u8>>>, op: Op) -> io::Result<Vec<u8>> {
@@ -373,8 +436,8 @@ impl RemoteBackend {
     }
 
     fn call(&self, op: Op, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        let rx = self.send(op, offset, length, Vec::new())?;
-        self.wait(&rx, op)
+        let sent = self.send(op, offset, length, Vec::new())?;
+        self.wait(&sent.rx, op)
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -436,14 +499,14 @@ impl Backend for RemoteBackend {
         for (r, (off, buf)) in reads.iter().enumerate() {
             for (i, piece) in buf.chunks(max).enumerate() {
                 let length = u32::try_from(piece.len()).expect("pieces are at most max_request");
-                let rx = self.send(Op::Read, off + (i * max) as u64, length, Vec::new())?;
-                waits.push((r, i * max, piece.len(), rx));
+                let sent = self.send(Op::Read, off + (i * max) as u64, length, Vec::new())?;
+                waits.push((r, i * max, piece.len(), sent));
             }
         }
         let deadline = Instant::now() + self.timeout;
         let mut first_error = None;
-        for (r, start, len, rx) in waits {
-            match self.wait_until(&rx, Op::Read, deadline) {
+        for (r, start, len, sent) in waits {
+            match self.wait_until(&sent.rx, Op::Read, deadline) {
                 Ok(data) if data.len() == len => {
                     reads[r].1[start..start + len].copy_from_slice(&data);
                     self.pool.put(data);
@@ -475,8 +538,8 @@ impl Backend for RemoteBackend {
         }
         let deadline = Instant::now() + self.timeout;
         let mut result = Ok(());
-        for rx in waits {
-            if let Err(e) = self.wait_until(&rx, Op::Write, deadline) {
+        for sent in waits {
+            if let Err(e) = self.wait_until(&sent.rx, Op::Write, deadline) {
                 result = result.and(Err(e));
             }
         }
@@ -563,7 +626,8 @@ async fn connection(
     let mut queue: VecDeque<Request> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
     let mut next_id = 1u64;
-    // Connections beyond the first open on their first request: only later ones are reconnections.
+    // A connection that could not be opened with the others opens on its first request: only
+    // later ones are reconnections.
     let mut connected_before = first.is_some();
     loop {
         let io = if let Some(io) = first.take() {
@@ -772,5 +836,44 @@ async fn read_replies(
             Err(errno::to_io(h.status, &message))
         };
         let _ = request.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lanes(counts: &[usize]) -> Vec<AtomicUsize> {
+        counts.iter().map(|&c| AtomicUsize::new(c)).collect()
+    }
+
+    #[test]
+    fn one_connection_takes_everything() {
+        let bulk = lanes(&[3]);
+        for turn in 0..4 {
+            assert_eq!(pick_lane(&bulk, turn, 1), 0);
+            assert_eq!(pick_lane(&bulk, turn, 64 << 20), 0);
+        }
+    }
+
+    #[test]
+    fn large_transfers_keep_off_the_first_connection() {
+        let bulk = lanes(&[0, 0, 0, 0]);
+        let picked: Vec<usize> = (0..6).map(|turn| pick_lane(&bulk, turn, SMALL_REQUEST + 1)).collect();
+        assert_eq!(picked, [1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn small_requests_spread_while_nothing_large_is_in_flight_then_avoid_it() {
+        let idle = lanes(&[0, 0, 0]);
+        let picked: Vec<usize> = (0..3).map(|turn| pick_lane(&idle, turn, 4096)).collect();
+        assert_eq!(picked, [0, 1, 2]);
+        // Connections 1 and 2 carry large transfers: every small request takes connection 0.
+        let busy = lanes(&[0, 2, 1]);
+        assert!((0..6).all(|turn| pick_lane(&busy, turn, SMALL_REQUEST) == 0));
+        // Only connection 1 is busy: small requests use 0 and 2.
+        let one = lanes(&[0, 1, 0]);
+        let picked: Vec<usize> = (0..3).map(|turn| pick_lane(&one, turn, 4096)).collect();
+        assert_eq!(picked, [0, 2, 2]);
     }
 }
