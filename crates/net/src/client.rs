@@ -653,8 +653,8 @@ async fn connection(
                     let e = io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         format!(
-                            "the server at {} restarted and its export lives in its memory: the data \
-                             written before is gone",
+                            "the server at {} restarted, and its export keeps nothing across a restart \
+                             (memory, or storage emptied on start): the data written before is gone",
                             target.address
                         ),
                     );
