@@ -339,26 +339,30 @@ impl RemoteBackend {
             .enable_all()
             .build()?;
         let target = Arc::new(Target { address: address.clone(), options });
-        let (first, info) = runtime.block_on(target.connect())?;
-        // The other connections are opened now, all at once, rather than on their first request:
-        // a read someone waits for must not pay for a handshake (two round trips). One that
-        // fails here is opened on its first request.
-        let others = runtime.block_on(async {
-            let tasks: Vec<_> = (1..target.options.connections.max(1))
+        // Every connection is opened now, all at once, rather than the others on their first
+        // request: a read someone waits for must not pay for a handshake (two round trips), and
+        // opening them side by side costs the round trips of one. The first connection's outcome
+        // is the client's (its error, the export it describes); another that fails here is
+        // opened on its first request.
+        let ((first, info), others) = runtime.block_on(async {
+            let mut tasks: Vec<_> = (0..target.options.connections.max(1))
                 .map(|_| {
                     let target = Arc::clone(&target);
                     tokio::spawn(async move { target.connect().await })
                 })
                 .collect();
-            let mut opened = Vec::with_capacity(tasks.len());
+            let first = tasks.remove(0).await.map_err(io::Error::other)??;
+            let mut others = Vec::with_capacity(tasks.len());
             for t in tasks {
-                opened.push(match t.await {
-                    Ok(Ok((io, now))) if now.size == info.size && now.instance == info.instance => Some(io),
+                others.push(match t.await {
+                    Ok(Ok((io, now))) if now.size == first.1.size && now.instance == first.1.instance => {
+                        Some(io)
+                    }
                     _ => None,
                 });
             }
-            opened
-        });
+            io::Result::Ok((first, others))
+        })?;
         let pool = Arc::new(BufPool::new(64));
         let mut conns = Vec::new();
         for io in std::iter::once(Some(first)).chain(others) {
