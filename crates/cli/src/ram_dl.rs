@@ -38,7 +38,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 use r3map_core::{Aligned, Backend as _, Chunked, SharedBackend};
 use r3map_fuse::FuseOptions;
 use r3map_mount::{Frontend, Hooks, Mount, MountOptions};
-use r3map_nbd::kernel::KernelOptions;
+use r3map_nbd::kernel::{self, KernelOptions};
 use r3map_net::client::DEFAULT_PORT;
 use r3map_net::{ClientOptions, RemoteBackend};
 
@@ -233,11 +233,9 @@ pub fn lock_memory() -> anyhow::Result<()> {
 
 /// Whether the kernel's NBD driver is there, loading it with `modprobe nbd` if needed.
 fn nbd_available() -> bool {
-    if Path::new("/sys/module/nbd").exists() {
-        return true;
-    }
-    let loaded = Command::new("modprobe").args(["-q", "nbd"]).status().is_ok_and(|s| s.success());
-    loaded && Path::new("/sys/module/nbd").exists()
+    kernel::driver_loaded()
+        || (Command::new("modprobe").args(["-q", "nbd"]).status().is_ok_and(|s| s.success())
+            && kernel::driver_loaded())
 }
 
 /// Runs a program of util-linux (or busybox) and turns its failure into an error with its output.

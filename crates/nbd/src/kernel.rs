@@ -111,17 +111,21 @@ struct IoctlRun {
 }
 
 fn nbd_family(sock: &mut GenlSocket) -> io::Result<u16> {
-    sock.family("nbd").map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                "the kernel's NBD driver is not loaded: run `modprobe nbd` as root (the module is nbd.ko, \
-                 in the kernel's own package)",
-            )
-        } else {
-            e
-        }
-    })
+    sock.family("nbd").map_err(|e| if e.kind() == io::ErrorKind::NotFound { driver_not_loaded() } else { e })
+}
+
+/// Whether the kernel's NBD driver (`nbd.ko`) is loaded.
+#[must_use]
+pub fn driver_loaded() -> bool {
+    Path::new("/sys/module/nbd").exists()
+}
+
+fn driver_not_loaded() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        "the kernel's NBD driver is not loaded: run `modprobe nbd` as root (the module is nbd.ko, in the \
+         kernel's own package)",
+    )
 }
 
 fn as_root(e: &io::Error, what: &str) -> io::Error {
@@ -158,34 +162,26 @@ impl KernelDevice {
             .ok_or_else(|| invalid(format!("no export '{export}' to attach")))?;
         let size = found.backend.size();
         let flags = found.transmission_flags();
-        let netlink = match options.interface {
-            Interface::Ioctl => None,
-            Interface::Netlink => {
-                let mut sock = GenlSocket::open()?;
-                let family = nbd_family(&mut sock)?;
-                Some((sock, family))
-            }
-            Interface::Auto => {
-                let mut sock = GenlSocket::open()?;
-                match nbd_family(&mut sock) {
-                    Ok(family) => Some((sock, family)),
-                    // The driver is there, its netlink interface is not: an older kernel.
-                    Err(e)
-                        if e.kind() == io::ErrorKind::NotFound && Path::new("/sys/module/nbd").exists() =>
-                    {
-                        tracing::info!("the kernel's NBD driver has no netlink interface; using its ioctls");
-                        None
-                    }
-                    Err(e) => return Err(e),
+        let netlink = if options.interface == Interface::Ioctl {
+            None
+        } else {
+            let mut sock = GenlSocket::open()?;
+            match nbd_family(&mut sock) {
+                Ok(family) => Some((sock, family)),
+                // The driver is there, its netlink interface is not: an older kernel.
+                Err(e)
+                    if options.interface == Interface::Auto
+                        && e.kind() == io::ErrorKind::NotFound
+                        && driver_loaded() =>
+                {
+                    tracing::info!("the kernel's NBD driver has no netlink interface; using its ioctls");
+                    None
                 }
+                Err(e) => return Err(e),
             }
         };
-        if netlink.is_none() && !Path::new("/sys/module/nbd").exists() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "the kernel's NBD driver is not loaded: run `modprobe nbd` as root (the module is nbd.ko, \
-                 in the kernel's own package)",
-            ));
+        if netlink.is_none() && !driver_loaded() {
+            return Err(driver_not_loaded());
         }
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
