@@ -34,13 +34,12 @@ use r3map_net::{Export, RemoteBackend, Server, ServerConfig, ServerHandle, Serve
 use rustix::fs::{Mode, OFlags};
 
 mod common;
-use common::{fmt_duration, quantile};
+use common::{Data, fmt_duration, memory_remote, quantile, tag, tag_of, warm_up};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-/// Every MiB carries `GEN << 48 | index` in its first 8 bytes, so each read checks that it got
-/// the MiB it asked for.
+/// The generation of the data ([`common::tag`]): it is written once.
 const GEN: u64 = 1;
 
 /// Where the first-chunk read lands: chunk 1, as in the FUSE mount benchmark.
@@ -66,34 +65,6 @@ fn mbps(bytes: u64, elapsed: Duration) -> f64 {
 
 fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
-}
-
-fn tag(mib: u64) -> u64 {
-    GEN << 48 | mib
-}
-
-/// The contents: one random MiB, repeated, each copy tagged (see [`GEN`]).
-struct Data {
-    template: Vec<u8>,
-}
-
-impl Data {
-    fn new() -> Self {
-        let mut rng = fastrand::Rng::with_seed(42);
-        Self { template: (0..MIB).map(|_| rng.u8(..)).collect() }
-    }
-
-    fn fill(&self, buf: &mut [u8], mib: u64) {
-        buf.copy_from_slice(&self.template);
-        buf[..8].copy_from_slice(&tag(mib).to_le_bytes());
-    }
-
-    /// The 4 KiB at `off` (not in a tag).
-    fn page_at(&self, off: u64) -> &[u8] {
-        let start = (off % MIB) as usize;
-        assert!(start >= 8, "a tag would differ");
-        &self.template[start..start + PAGE]
-    }
 }
 
 /// A buffer aligned for `O_DIRECT`.
@@ -124,7 +95,7 @@ fn open_direct(path: &Path) -> io::Result<File> {
 fn read_page(f: &File, data: &Data, off: u64, what: &str) {
     let mut buf = AlignedBuf::new(PAGE);
     f.read_exact_at(buf.get(), off).unwrap_or_else(|e| panic!("4 KiB read at {off} of {what}: {e}"));
-    assert!(buf.get() == data.page_at(off), "{what} returned the wrong bytes at {off}");
+    assert!(buf.get() == data.bytes_at(off, PAGE), "{what} returned the wrong bytes at {off}");
 }
 
 /// Reads `path` from start to end in 1 MiB `O_DIRECT` `pread`s, checking each MiB's tag; the time
@@ -135,35 +106,11 @@ fn read_through(path: &Path, size: u64) -> io::Result<Duration> {
     let t = Instant::now();
     for mib in 0..size / MIB {
         f.read_exact_at(buf.get(), mib * MIB)?;
-        let got = u64::from_le_bytes(buf.get()[..8].try_into().expect("8 bytes"));
-        if got != tag(mib) {
+        if tag_of(buf.get()) != tag(GEN, mib) {
             return Err(io::Error::other(format!("MiB {mib} of {} holds the wrong data", path.display())));
         }
     }
     Ok(t.elapsed())
-}
-
-/// Touches and frees `size` bytes, so that later allocations get memory the hypervisor has already
-/// backed (on a virtual machine the first touch of guest memory costs far more than the kernel's
-/// page fault, and would land on whichever measurement runs first).
-fn warm_up(size: u64) {
-    let m = Memory::new(size);
-    let ones = vec![1u8; MIB as usize];
-    let mut off = 0;
-    while off < size {
-        m.write_at(&ones, off).expect("touch memory");
-        off += MIB;
-    }
-}
-
-fn memory_remote(data: &Data, size: u64) -> Arc<Memory> {
-    let m = Arc::new(Memory::new(size));
-    let mut buf = vec![0u8; MIB as usize];
-    for mib in 0..size / MIB {
-        data.fill(&mut buf, mib);
-        m.write_at(&buf, mib * MIB).expect("fill the remote");
-    }
-    m
 }
 
 /// iproute2's `tc` (busybox has a `tc` too, without netem; the VM puts iproute2's in /sbin).
@@ -607,12 +554,12 @@ fn main() {
         let f = File::create(&file).expect("create the data file");
         let mut buf = vec![0u8; MIB as usize];
         for mib in 0..size / MIB {
-            data.fill(&mut buf, mib);
+            data.fill(&mut buf, GEN, mib);
             f.write_all_at(&buf, mib * MIB).expect("write the data file");
         }
     }
     warm_up(3 * size);
-    let src = Sources { file, remote: memory_remote(&data, size) };
+    let src = Sources { file, remote: memory_remote(&data, size, GEN) };
     let kinds: &[Kind] = if nbd.is_none() {
         &[
             Kind::Loop,

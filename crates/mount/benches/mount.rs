@@ -25,7 +25,7 @@ use r3map_core::{Backend, Delay, Memory, SharedBackend};
 use r3map_mount::{Frontend, FuseOptions, Hooks, ManagedOptions, Mount, MountOptions};
 
 mod common;
-use common::{fmt_duration, quantile};
+use common::{Data, fmt_duration, memory_remote, quantile, tag, tag_of, warm_up};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -50,32 +50,6 @@ struct Config {
 
 fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e9
-}
-
-fn tag(generation: u64, mib: u64) -> u64 {
-    generation << 48 | mib
-}
-
-/// The contents: one random MiB, repeated, each copy tagged (see [`GEN_DATA`]).
-struct Data {
-    template: Vec<u8>,
-}
-
-impl Data {
-    fn new() -> Self {
-        let mut rng = fastrand::Rng::with_seed(42);
-        Self { template: (0..MIB).map(|_| rng.u8(..)).collect() }
-    }
-
-    /// MiB `mib` of generation `generation` into `buf` (1 MiB).
-    fn fill(&self, buf: &mut [u8], generation: u64, mib: u64) {
-        buf.copy_from_slice(&self.template);
-        buf[..8].copy_from_slice(&tag(generation, mib).to_le_bytes());
-    }
-}
-
-fn tag_of(buf: &[u8]) -> u64 {
-    u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"))
 }
 
 fn wrong(what: &Path, mib: u64) -> io::Error {
@@ -154,29 +128,6 @@ fn drop_caches() {
 fn have(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
-
-/// Touches and frees `size` bytes, so that later allocations get memory the hypervisor has already
-/// backed (on a virtual machine the first touch of guest memory costs far more than the kernel's
-/// page fault, and would land on whichever measurement runs first).
-fn warm_up(size: u64) {
-    let m = Memory::new(size);
-    let ones = vec![1u8; MIB as usize];
-    let mut off = 0;
-    while off < size {
-        m.write_at(&ones, off).expect("touch memory");
-        off += MIB;
-    }
-}
-
-fn memory_remote(data: &Data, size: u64) -> Arc<Memory> {
-    let m = Arc::new(Memory::new(size));
-    let mut buf = vec![0u8; MIB as usize];
-    for mib in 0..size / MIB {
-        data.fill(&mut buf, GEN_DATA, mib);
-        m.write_at(&buf, mib * MIB).expect("fill the remote");
-    }
-    m
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -306,7 +257,7 @@ fn nbdfuse_baseline(local: &Path, data: &Data, cfg: &Config) -> io::Result<NbdFi
         drop_caches();
         read = read.max(gbps(cfg.size, read_through(&file, cfg.size, GEN_DATA)?));
     }
-    let expected = &data.template[DEFAULT_CHUNK_SIZE as usize..(DEFAULT_CHUNK_SIZE + 4 * KIB) as usize];
+    let expected = data.bytes_at(DEFAULT_CHUNK_SIZE, (4 * KIB) as usize);
     let mut buf = vec![0u8; 4 * KIB as usize];
     let mut times = Vec::new();
     for _ in 0..cfg.samples {
@@ -436,7 +387,7 @@ fn first_chunk(
     data: &Data,
     samples: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
-    let expected = &data.template[DEFAULT_CHUNK_SIZE as usize..(DEFAULT_CHUNK_SIZE + 4 * KIB) as usize];
+    let expected = data.bytes_at(DEFAULT_CHUNK_SIZE, (4 * KIB) as usize);
     let mut buf = vec![0u8; 4 * KIB as usize];
     let (mut pread, mut open_pread) = (Vec::new(), Vec::new());
     for _ in 0..samples {
@@ -632,7 +583,7 @@ fn main() {
         return;
     }
 
-    let remote_mem = memory_remote(&data, size);
+    let remote_mem = memory_remote(&data, size, GEN_DATA);
     let remote: SharedBackend = Arc::clone(&remote_mem) as SharedBackend;
 
     // ---- First-chunk latency
