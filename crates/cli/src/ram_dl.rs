@@ -280,9 +280,13 @@ impl SwapOn {
     }
 }
 
-/// Swap space in use on a device, in bytes, from `/proc/swaps`.
+/// Swap space in use on a device, in bytes, from `/proc/swaps`; `None` when it is not swap.
 fn swap_used(device: &Path) -> Option<u64> {
-    let swaps = std::fs::read_to_string("/proc/swaps").ok()?;
+    swap_used_in(&std::fs::read_to_string("/proc/swaps").ok()?, device)
+}
+
+/// [`swap_used`] from the text of `/proc/swaps`.
+fn swap_used_in(swaps: &str, device: &Path) -> Option<u64> {
     let name = device.to_string_lossy();
     swaps.lines().find_map(|l| {
         let mut f = l.split_whitespace();
@@ -536,7 +540,12 @@ mod tests {
 
     #[test]
     fn swap_use_is_read_from_proc_swaps_format() {
-        // Only the parser: whatever swap this machine has, a device that is not swap has none.
-        assert_eq!(swap_used(Path::new("/dev/r3map-no-such-device")), None);
+        let swaps = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
+                     /dev/loop0                              partition\t393212\t\t1024\t\t-2\n\
+                     /dev/nbd3                               partition\t262140\t\t0\t\t-3\n";
+        assert_eq!(swap_used_in(swaps, Path::new("/dev/loop0")), Some(1024 * 1024));
+        assert_eq!(swap_used_in(swaps, Path::new("/dev/nbd3")), Some(0));
+        assert_eq!(swap_used_in(swaps, Path::new("/dev/nbd0")), None);
+        assert_eq!(swap_used_in(swaps, Path::new("Filename")), None, "the header is no device");
     }
 }
