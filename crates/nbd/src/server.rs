@@ -47,6 +47,12 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 /// [`NbdServer::with_threads`].
 pub const DEFAULT_THREADS: usize = 8;
 
+/// Request and reply buffers each thread of a kernel connection allocates before it serves
+/// ([`NbdServer::serve_transmission`]): requests up to this size then allocate nothing. The
+/// kernel's swap requests are single pages or short runs of them. A larger request is served
+/// too: its thread grows its buffers once and keeps them (up to 4 MiB).
+pub const KERNEL_BUFFER: usize = 256 * 1024;
+
 /// Unit of the per-connection in-flight budget.
 const BUDGET_UNIT: u32 = 64 * 1024;
 
@@ -431,6 +437,10 @@ impl NbdServer {
     /// asks for no structured replies). Runs until the client sends `DISC`, the socket closes, or
     /// `shutdown` completes (requests in flight still finish).
     ///
+    /// Every thread of the connection starts, with buffers of [`KERNEL_BUFFER`] bytes, before
+    /// the first request is read: the kernel may be swapping to this process because memory is
+    /// short, so serving its requests must not need new memory.
+    ///
     /// # Errors
     /// `UnknownExport`; what ended the connection, when it was not a clean disconnect.
     pub async fn serve_transmission(
@@ -445,7 +455,9 @@ impl NbdServer {
         socket.set_nonblocking(false)?;
         let conn = Conn { export, structured: false, contexts: Vec::new() };
         let (stop_tx, stop_rx) = watch::channel(false);
-        let serve = threaded::transmission(threaded::Socket::Unix(socket), conn, self.threads, stop_rx);
+        let start = threaded::Start::Eager { buffer: KERNEL_BUFFER };
+        let serve =
+            threaded::transmission(threaded::Socket::Unix(socket), conn, self.threads, start, stop_rx);
         tokio::pin!(serve, shutdown);
         tokio::select! {
             r = &mut serve => r.map_err(ConnectionError::from),
@@ -547,7 +559,7 @@ impl NbdServer {
         // TLS streams by async tasks around the blocking pool.
         let stream = match plain_socket(stream)? {
             Ok(socket) => {
-                return threaded::transmission(socket, conn, self.threads, stop)
+                return threaded::transmission(socket, conn, self.threads, threaded::Start::Lazy, stop)
                     .await
                     .map_err(ConnectionError::from);
             }

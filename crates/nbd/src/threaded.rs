@@ -5,10 +5,17 @@
 //! writer costs two thread wake-ups per request, which at 4 KiB was most of the server's time.
 //! Here a thread takes the reader (a mutex around a buffered socket), reads one request, lets go,
 //! runs it on the backend, then takes the writer and sends the reply straight from its own
-//! buffer, which it keeps from request to request. Threads start lazily: one at first, another
-//! whenever every thread is busy, up to the server's limit
-//! ([`NbdServer::with_threads`](crate::NbdServer::with_threads)). A connection thus holds at most
-//! that many requests at once; the next ones wait in the socket, which is the backpressure.
+//! buffer, which it keeps from request to request. A connection holds at most the server's
+//! limit of requests at once ([`NbdServer::with_threads`](crate::NbdServer::with_threads)); the
+//! next ones wait in the socket, which is the backpressure.
+//!
+//! How the threads start is the caller's choice ([`Start`]):
+//! - [`Start::Lazy`], for clients over the network: one thread at first, another whenever every
+//!   thread is busy, up to the limit.
+//! - [`Start::Eager`], for the kernel's NBD client, which may be swapping to us because memory is
+//!   short: every thread starts, and sizes its buffers, before the first request is read. From
+//!   then on a request of up to the preallocated size allocates nothing, whichever thread takes
+//!   it and however the threads are scheduled.
 //!
 //! Shutdown (the server's or a `DISC`) shuts the socket down for reading, so the thread waiting
 //! for a request sees the end of the stream; requests already read still run and are answered,
@@ -18,7 +25,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use r3map_core::Capabilities;
 use tokio::sync::{Notify, watch};
@@ -28,6 +35,16 @@ use crate::server::{Conn, SHUTDOWN_GRACE, check, error_reply, execute};
 
 /// Reply buffers larger than this are given back after their request instead of being kept.
 const KEEP_BUFFER: usize = 4 * 1024 * 1024;
+
+/// How the threads of a connection start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// One thread, and another whenever every thread is busy.
+    Lazy,
+    /// Every thread, each with request and reply buffers of `buffer` bytes, before any request
+    /// is read.
+    Eager { buffer: usize },
+}
 
 /// A plaintext socket taken back from tokio.
 #[derive(Debug)]
@@ -99,6 +116,11 @@ struct Shared {
     error: Mutex<Option<io::Error>>,
     finished: Notify,
     runtime: tokio::runtime::Handle,
+    start: Start,
+    /// With [`Start::Eager`]: threads that have not yet sized their buffers. No thread reads a
+    /// request before this is zero.
+    starting: Mutex<usize>,
+    started: Condvar,
 }
 
 struct Reader {
@@ -123,8 +145,10 @@ pub(crate) async fn transmission(
     socket: Socket,
     conn: Conn,
     max_threads: usize,
+    start: Start,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let max_threads = max_threads.max(1);
     let size = conn.export.backend.size();
     let caps = conn.export.backend.capabilities();
     let shared = Arc::new(Shared {
@@ -138,16 +162,22 @@ pub(crate) async fn transmission(
         writer: Mutex::new(socket.try_clone()?),
         control: socket,
         threads: AtomicUsize::new(0),
-        max_threads: max_threads.max(1),
+        max_threads,
         idle: AtomicUsize::new(0),
         error: Mutex::new(None),
         finished: Notify::new(),
         runtime: tokio::runtime::Handle::current(),
+        start,
+        starting: Mutex::new(if matches!(start, Start::Eager { .. }) { max_threads } else { 0 }),
+        started: Condvar::new(),
     });
     let finished = shared.finished.notified();
     tokio::pin!(finished);
     finished.as_mut().enable();
-    spawn(&shared);
+    match start {
+        Start::Lazy => spawn(&shared),
+        Start::Eager { .. } => (0..max_threads).for_each(|_| spawn(&shared)),
+    }
     let over = tokio::select! {
         () = &mut finished => true,
         r = stop.wait_for(|s| *s) => {
@@ -173,8 +203,21 @@ fn spawn(shared: &Arc<Shared>) {
 }
 
 fn worker(shared: &Arc<Shared>) {
-    let mut reply = Vec::new();
-    let mut payload = Vec::new();
+    let (mut reply, mut payload) = match shared.start {
+        Start::Lazy => (Vec::new(), Vec::new()),
+        Start::Eager { buffer } => {
+            let buffers = (Vec::with_capacity(buffer), Vec::with_capacity(buffer));
+            let mut starting = lock(&shared.starting);
+            *starting -= 1;
+            if *starting == 0 {
+                shared.started.notify_all();
+            }
+            while *starting > 0 {
+                starting = shared.started.wait(starting).unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            buffers
+        }
+    };
     loop {
         let taken = match take(shared, &mut payload) {
             Ok(Some(t)) => t,
@@ -186,6 +229,7 @@ fn worker(shared: &Arc<Shared>) {
         };
         // Every thread is busy now: start one more for the requests behind this one.
         if shared.idle.fetch_sub(1, Ordering::AcqRel) == 1
+            && shared.start == Start::Lazy
             && shared.threads.load(Ordering::Acquire) < shared.max_threads
         {
             spawn(shared);
@@ -204,11 +248,17 @@ fn worker(shared: &Arc<Shared>) {
             }
         };
         let written = lock(&shared.writer).write_all(&reply[..n]);
-        if reply.capacity() > KEEP_BUFFER {
-            reply = Vec::new();
+        // A buffer grown past the limit by a large request is given back; an eager thread
+        // takes its preallocated size again at once, so the next small request allocates nothing.
+        let (keep, fresh) = match shared.start {
+            Start::Lazy => (KEEP_BUFFER, 0),
+            Start::Eager { buffer } => (KEEP_BUFFER.max(buffer), buffer),
+        };
+        if reply.capacity() > keep {
+            reply = Vec::with_capacity(fresh);
         }
-        if payload.capacity() > KEEP_BUFFER {
-            payload = Vec::new();
+        if payload.capacity() > keep {
+            payload = Vec::with_capacity(fresh);
         }
         shared.idle.fetch_add(1, Ordering::AcqRel);
         if let Err(e) = written {
