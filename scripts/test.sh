@@ -49,30 +49,42 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-log "cargo fmt --check"
-cargo fmt --all -- --check
+# Every step below runs even when one before it failed, so that one failure hides nothing; the
+# script exits non-zero at the end if any failed, and lists them.
+failed=()
+step() {
+  local name=$1
+  shift
+  log "$name"
+  local started=$SECONDS
+  if "$@"; then
+    printf '==> %s: ok (%d s)\n' "$name" $((SECONDS - started))
+  else
+    printf '==> %s: FAILED (exit %d, %d s)\n' "$name" "$?" $((SECONDS - started))
+    failed+=("$name")
+  fi
+}
 
-log "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "benchmark smoke runs"
-cargo bench --locked -p r3map-core --bench pipeline -- --quick
-cargo bench --locked -p r3map-net --bench transport -- --quick
-cargo bench --locked -p r3map-mount --bench mount -- --quick
-cargo bench --locked -p r3map-region --bench region -- --quick
-cargo bench --locked -p r3map-nbd --bench nbd -- --quick
-cargo bench --locked -p r3map-migrate --bench migrate -- --quick
-cargo bench --locked -p r3map-stores --bench stores -- --quick
+for bench in core:pipeline net:transport mount:mount region:region nbd:nbd migrate:migrate stores:stores; do
+  step "benchmark smoke run: r3map-${bench%%:*} ${bench#*:}" \
+    cargo bench --locked -p "r3map-${bench%%:*}" --bench "${bench#*:}" -- --quick
+done
 
-log "tests"
-cargo nextest run --workspace --locked --no-fail-fast
+step "tests" cargo nextest run --workspace --locked --no-fail-fast
 
 # Kernel paths this host lacks (nbd.ko): Debian's kernel under QEMU's software emulation.
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-  log "kernel-path tests in a VM"
-  bash scripts/vm/run.sh
-  log "kernel block device benchmark in the VM (smoke run)"
-  bash scripts/bench-vm.sh --quick
+  step "kernel-path tests in a VM" bash scripts/vm/run.sh
+  step "kernel block device benchmark in the VM (smoke run)" bash scripts/bench-vm.sh --quick
 else
   echo "skipped the VM tests: they need root and apt-get (to fetch Debian's kernel and QEMU)" >&2
 fi
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  printf '\n==> FAILED: %s\n' "${failed[@]}"
+  exit 1
+fi
+printf '\n==> all steps passed (%d s)\n' "$SECONDS"
