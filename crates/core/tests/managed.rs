@@ -2,7 +2,7 @@
 //! with the background pull and push running while the application reads and writes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use r3map_core::backend::Backend;
@@ -189,6 +189,15 @@ proptest! {
     }
 }
 
+/// Polls `cond` until it holds; a minute without is a hang.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "still waiting for {what} after a minute");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Writers keep rewriting the same chunks while the pusher pushes continuously: after the final
 /// flush the remote holds the last version of every chunk.
 #[test]
@@ -209,6 +218,12 @@ fn writes_racing_pushes_are_never_lost() {
                         let data = pattern(t << 32 | round, 4096);
                         pusher.write_at(&data, (chunk * 4096) as u64).unwrap();
                         mine.push((chunk, data));
+                        if round % 100 == 50 {
+                            // However the threads are scheduled, background cycles end while
+                            // the writers are still at it.
+                            let seen = pusher.progress().cycles;
+                            wait_until("a background push cycle", || pusher.progress().cycles > seen);
+                        }
                         std::thread::sleep(Duration::from_micros(50));
                     }
                     mine

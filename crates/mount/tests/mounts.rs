@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use r3map_core::{Backend, Memory, SharedBackend};
 use r3map_mount::{Hooks, ManagedOptions, Mount, MountOptions};
@@ -179,6 +180,12 @@ fn loop_devices_are_block_devices_of_the_backend() {
     .unwrap();
     let dev = mount.device().unwrap();
     assert!(dev.to_string_lossy().starts_with("/dev/loop"), "{}", dev.display());
+    let backing = loop_backing_file(&dev).expect("the loop device is bound");
+    assert_eq!(
+        Path::new(&backing),
+        mount.file_path().canonicalize().unwrap(),
+        "the loop device serves the mount"
+    );
     let f = OpenOptions::new().read(true).write(true).open(&dev).unwrap();
     let mut back = vec![0u8; model.len()];
     f.read_exact_at(&mut back, 0).unwrap();
@@ -190,11 +197,21 @@ fn loop_devices_are_block_devices_of_the_backend() {
     drop(f);
     mount.close().unwrap();
     assert!(contents(&*remote) == model);
-    let losetup = Command::new("losetup").arg("--list").output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&losetup.stdout).contains(&*dev.to_string_lossy()),
-        "the loop device is detached"
-    );
+    // Other tests attach loop devices too, and may get this one as soon as it is free: what
+    // counts is that it no longer serves our file. The kernel finishes a detach when the last
+    // opener (udev probing a new device, say) closes it, so give it time.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while loop_backing_file(&dev).is_some_and(|b| b == backing) {
+        assert!(Instant::now() < deadline, "{} is still attached to {backing}", dev.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The file a loop device is bound to, from sysfs; `None` when it is bound to nothing.
+fn loop_backing_file(dev: &Path) -> Option<String> {
+    let name = dev.file_name()?.to_str()?;
+    let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(backing.trim_end_matches('\n').to_owned())
 }
 
 fn have(tool: &str) -> bool {

@@ -7,8 +7,8 @@
 
 use std::io::{Read as _, Seek as _, Write as _};
 use std::os::unix::process::ExitStatusExt as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -304,22 +304,93 @@ fn invalidate_fetches_the_chunk_again() {
     region.close().unwrap();
 }
 
+/// A remote whose reads below `limit` are held until [`Stuck::fail_held`] makes them fail: a
+/// background pull stays in flight, and unfinished, for as long as the test wants.
+struct Stuck {
+    inner: Memory,
+    limit: u64,
+    /// Reads held now, and how many times the held reads were failed.
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+}
+
+impl Stuck {
+    fn new(size: u64, limit: u64) -> Self {
+        Self { inner: Memory::new(size), limit, state: Mutex::new((0, 0)), cv: Condvar::new() }
+    }
+
+    fn wait_held(&self, n: usize) {
+        let _held = self.cv.wait_while(self.state.lock().unwrap(), |s| s.0 < n).unwrap();
+    }
+
+    /// Fails the reads held now; later ones are held again.
+    fn fail_held(&self) {
+        self.state.lock().unwrap().1 += 1;
+        self.cv.notify_all();
+    }
+}
+
+impl Backend for Stuck {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        if off >= self.limit {
+            return self.inner.read_at(buf, off);
+        }
+        let mut state = self.state.lock().unwrap();
+        state.0 += 1;
+        self.cv.notify_all();
+        let round = state.1;
+        state = self.cv.wait_while(state, |s| s.1 == round).unwrap();
+        state.0 -= 1;
+        Err(std::io::Error::other("a held read failed on purpose"))
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn dropping_during_a_background_pull_is_clean() {
     let _w = Watchdog::new("drop during pull", 60);
-    let remote: SharedBackend = Arc::new(Delay::new(Memory::new(256 * MIB), Duration::from_millis(10)));
-    let options = RegionOptions {
-        pull: Some(PullerOptions { depth: 16, request_size: 4 * MIB, ..PullerOptions::default() }),
-        ..RegionOptions::default()
+    // Everything below 100 MiB is stuck: the pull never gets there, a fault at 100 MiB does.
+    let remote = Arc::new(Stuck::new(256 * MIB, 100 * MIB));
+    let pull = PullerOptions {
+        depth: 16,
+        request_size: 4 * MIB,
+        // The pull keeps retrying (it never gives up before the drop) without waiting long.
+        max_attempts: u32::MAX,
+        retry_backoff: Duration::from_millis(1),
+        ..PullerOptions::default()
     };
-    let Some(region) = open(remote, options) else { return };
+    let options = RegionOptions { pull: Some(pull), ..RegionOptions::default() };
+    let Some(region) = open(Arc::clone(&remote) as SharedBackend, options) else { return };
     assert_eq!(region.read_u8(100 * MIB).unwrap(), 0);
-    std::thread::sleep(Duration::from_millis(30));
+    remote.wait_held(1);
     let progress = region.pull_progress().unwrap();
-    assert!(!progress.done, "{progress:?}");
-    let t = Instant::now();
-    drop(region);
-    assert!(t.elapsed() < Duration::from_secs(5), "drop took {:?}", t.elapsed());
+    assert!(!progress.done && progress.in_flight >= 1, "{progress:?}");
+    // Dropped while requests are in flight; they keep failing until the drop has stopped the
+    // pull, so it cannot have finished first. The watchdog catches a drop that hangs.
+    let (dropped, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        drop(region);
+        let _ = dropped.send(());
+    });
+    loop {
+        remote.fail_held();
+        match done.recv_timeout(Duration::from_millis(1)) {
+            Ok(()) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("dropping the region panicked"),
+        }
+    }
     // And close while faults are being served from several threads.
     let remote: SharedBackend = Arc::new(Delay::new(Memory::new(64 * MIB), Duration::from_millis(2)));
     let Some(region) = open(remote, on_demand()) else { return };
@@ -435,7 +506,7 @@ fn a_failing_backend_raises_sigbus_instead_of_hanging() {
     if !r3map_sys::Uffd::probe().unwrap().features.contains(r3map_region::Features::POISON) {
         return println!("skipped: no UFFDIO_POISON");
     }
-    let status = run_child("sigbus", Duration::from_secs(30));
+    let status = run_child("sigbus", Duration::from_secs(60));
     assert_eq!(status.signal(), Some(rustix::process::Signal::BUS.as_raw()), "{status:?}");
 }
 
@@ -474,6 +545,6 @@ fn an_external_handler_serves_faults_over_scm_rights() {
     region.read(0, &mut all).unwrap();
     assert!(all == want);
     drop(socket);
-    let status = wait_child(child, "external-handler", Duration::from_secs(30));
+    let status = wait_child(child, "external-handler", Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
 }

@@ -836,13 +836,19 @@ mod tests {
         uffd.register(&m, RegisterMode::MISSING).unwrap();
         std::thread::scope(|s| {
             let reader = s.spawn(|| m.read_u8(page + 5).unwrap());
-            let mut events = Vec::new();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while events.is_empty() {
-                assert!(std::time::Instant::now() < deadline, "no fault reported");
-                uffd.read_events(&mut events, 1).unwrap();
-                std::thread::yield_now();
+            // The descriptor becomes readable when the fault is reported; a minute without is a
+            // hang (and the reader would stay blocked, so fail loudly rather than wait).
+            let mut pollfd = libc::pollfd { fd: uffd.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: `pollfd` is one valid, writable entry, and the descriptor stays open during
+            // the call.
+            let ready = unsafe { libc::poll(&raw mut pollfd, 1, 60_000) };
+            if ready != 1 {
+                // Let the reader go so that the scope can end and the test fail instead of hang.
+                let _ = uffd.zeropage(m.addr() + page as u64, page as u64, false);
+                panic!("no fault reported within a minute (poll returned {ready})");
             }
+            let mut events = Vec::new();
+            assert_eq!(uffd.read_events(&mut events, 1).unwrap(), 1);
             let Event::Pagefault { address, flags, .. } = events[0] else { panic!("{:?}", events[0]) };
             assert_eq!(address, m.addr() + page as u64);
             assert!(!flags.write && !flags.wp);

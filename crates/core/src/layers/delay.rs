@@ -14,19 +14,124 @@
 //! The wait comes first, then the inner call. The layer does not model packet loss, jitter,
 //! request size limits or a cost for the answer's direction separately, and `size` and
 //! `capabilities` never wait.
+//!
+//! Time comes from a [`Clock`]: the system's by default, or a [`ManualClock`] that moves only
+//! when told to, so a test can see who waits and when they are let go without timing anything.
 
 use std::fmt;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Capabilities, Extent, len64};
+
+/// Where a [`Delay`] reads the time and waits.
+pub trait Clock: fmt::Debug + Send + Sync {
+    /// The current time.
+    fn now(&self) -> Instant;
+
+    /// Returns once [`Clock::now`] has reached `deadline` (at once if it has already).
+    fn sleep_until(&self, deadline: Instant);
+}
+
+/// Real time: [`Instant::now`] and [`std::thread::sleep`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep_until(&self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+/// A clock for tests: it stands still from its creation and moves only by
+/// [`ManualClock::advance`], and it counts the threads sleeping on it.
+#[derive(Debug)]
+pub struct ManualClock {
+    start: Instant,
+    state: Mutex<ManualState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ManualState {
+    elapsed: Duration,
+    sleepers: usize,
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ManualClock {
+    #[must_use]
+    pub fn new() -> Self {
+        Self { start: Instant::now(), state: Mutex::new(ManualState::default()), changed: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ManualState> {
+        self.state.lock().expect("manual clock lock")
+    }
+
+    /// Moves the clock forward by `by`; sleepers whose deadline it reaches return.
+    pub fn advance(&self, by: Duration) {
+        self.lock().elapsed += by;
+        self.changed.notify_all();
+    }
+
+    /// Threads inside [`Clock::sleep_until`] now.
+    #[must_use]
+    pub fn sleepers(&self) -> usize {
+        self.lock().sleepers
+    }
+
+    /// Waits up to `timeout` of real time until at least `n` threads sleep on the clock; returns
+    /// whether they do.
+    #[must_use]
+    pub fn wait_for_sleepers(&self, n: usize, timeout: Duration) -> bool {
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(self.lock(), timeout, |s| s.sleepers < n)
+            .expect("manual clock lock");
+        state.sleepers >= n
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.start + self.lock().elapsed
+    }
+
+    fn sleep_until(&self, deadline: Instant) {
+        let mut state = self.lock();
+        if self.start + state.elapsed >= deadline {
+            return;
+        }
+        state.sleepers += 1;
+        self.changed.notify_all();
+        state =
+            self.changed.wait_while(state, |s| self.start + s.elapsed < deadline).expect("manual clock lock");
+        state.sleepers -= 1;
+        drop(state);
+        self.changed.notify_all();
+    }
+}
 
 /// A simulated link of fixed latency and optional bandwidth; see the [module documentation](self).
 pub struct Delay<B> {
     inner: B,
     latency: Duration,
     bytes_per_sec: Option<u64>,
+    clock: Arc<dyn Clock>,
     /// When the link has finished every transfer reserved so far.
     link_free_at: Mutex<Instant>,
 }
@@ -46,8 +151,17 @@ impl<B: Backend> Delay<B> {
             inner,
             latency,
             bytes_per_sec: bytes_per_sec.filter(|&bw| bw > 0),
+            clock: Arc::new(SystemClock),
             link_free_at: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Takes the time from `clock` instead of the system's (a [`ManualClock`] in tests).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.link_free_at = Mutex::new(clock.now());
+        self.clock = clock;
+        self
     }
 
     /// Waits as long as a call moving `bytes` takes on the link.
@@ -57,17 +171,14 @@ impl<B: Backend> Delay<B> {
                 let nanos = u128::from(bytes) * 1_000_000_000 / u128::from(bw);
                 let transfer = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
                 let mut free_at = self.link_free_at.lock().expect("delay link lock");
-                let start = (*free_at).max(Instant::now());
+                let start = (*free_at).max(self.clock.now());
                 *free_at = start + transfer;
                 *free_at + self.latency
             }
             _ if self.latency.is_zero() => return,
-            _ => Instant::now() + self.latency,
+            _ => self.clock.now() + self.latency,
         };
-        let left = deadline.saturating_duration_since(Instant::now());
-        if !left.is_zero() {
-            std::thread::sleep(left);
-        }
+        self.clock.sleep_until(deadline);
     }
 }
 
@@ -155,12 +266,11 @@ impl<B: Backend> Backend for Delay<B> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::backend::SharedBackend;
     use crate::backends::Memory;
     use crate::conformance;
+    use crate::pipeline::testutil::{PATIENCE, wait_until};
 
     fn timed(f: impl FnOnce()) -> Duration {
         let start = Instant::now();
@@ -192,12 +302,21 @@ mod tests {
 
     #[test]
     fn size_and_capabilities_do_not_wait() {
-        let d = Delay::new(Memory::new(4096), Duration::from_secs(30));
-        let took = timed(|| {
-            assert_eq!(d.size(), 4096);
-            assert!(d.capabilities().trim);
+        let clock = Arc::new(ManualClock::new());
+        let d = Arc::new(Delay::new(Memory::new(4096), Duration::from_secs(30)).with_clock(clock.clone()));
+        // The clock never moves: a call that waited would sleep on it for ever.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let caller = Arc::clone(&d);
+        std::thread::spawn(move || tx.send((caller.size(), caller.capabilities())).unwrap());
+        let mut answer = None;
+        wait_until("size and capabilities", || {
+            answer = answer.take().or_else(|| rx.try_recv().ok());
+            answer.is_some() || clock.sleepers() > 0
         });
-        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert_eq!(clock.sleepers(), 0, "size or capabilities waited");
+        let (size, capabilities) = answer.unwrap();
+        assert_eq!(size, 4096);
+        assert!(capabilities.trim);
         assert_eq!(d.latency(), Duration::from_secs(30));
         assert_eq!(d.bytes_per_sec(), None);
     }
@@ -205,17 +324,25 @@ mod tests {
     #[test]
     fn concurrent_calls_wait_concurrently() {
         let latency = Duration::from_millis(50);
-        let d = Delay::new(Memory::new(4096), latency);
-        let took = timed(|| {
-            std::thread::scope(|s| {
-                for i in 0..4u8 {
-                    let d = &d;
-                    s.spawn(move || d.write_at(&[i; 10], u64::from(i) * 10).unwrap());
-                }
-            });
-        });
-        assert!(took >= latency, "{took:?}");
-        assert!(took < Duration::from_millis(175), "calls were serialised: {took:?}");
+        let clock = Arc::new(ManualClock::new());
+        let d = Arc::new(Delay::new(Memory::new(4096), latency).with_clock(clock.clone()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..4u8 {
+            let (d, tx) = (Arc::clone(&d), tx.clone());
+            std::thread::spawn(move || tx.send(d.write_at(&[i; 10], u64::from(i) * 10)).unwrap());
+        }
+        assert!(
+            clock.wait_for_sleepers(4, PATIENCE),
+            "calls were serialised: {} waited at once",
+            clock.sleepers()
+        );
+        assert!(rx.try_recv().is_err(), "a call returned before its latency");
+        // All four began at the same time, so one latency lets them all go.
+        clock.advance(latency);
+        for _ in 0..4 {
+            rx.recv_timeout(PATIENCE).expect("every call ends one latency after they began").unwrap();
+        }
+        assert_eq!(clock.sleepers(), 0);
     }
 
     #[test]

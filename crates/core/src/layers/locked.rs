@@ -34,6 +34,8 @@ pub struct Locked<B> {
 struct State {
     locked: bool,
     in_flight: u64,
+    /// Callers blocked in the layer (see [`Locked::waiting`]).
+    waiting: u64,
 }
 
 /// A call inside the gate; leaving (even by unwinding) lets `lock` know.
@@ -57,7 +59,7 @@ impl<B: Backend> Locked<B> {
     pub fn new(inner: B, locked: bool) -> Self {
         Self {
             inner,
-            state: Mutex::new(State { locked, in_flight: 0 }),
+            state: Mutex::new(State { locked, in_flight: 0, waiting: 0 }),
             opened: Condvar::new(),
             drained: Condvar::new(),
         }
@@ -71,7 +73,12 @@ impl<B> Locked<B> {
 
     /// Waits for the gate to be open and enters it.
     fn enter(&self) -> Pass<'_, B> {
-        let mut state = self.opened.wait_while(self.state(), |s| s.locked).expect("locked layer state lock");
+        let mut state = self.state();
+        if state.locked {
+            state.waiting += 1;
+            state = self.opened.wait_while(state, |s| s.locked).expect("locked layer state lock");
+            state.waiting -= 1;
+        }
         state.in_flight += 1;
         Pass { gate: self }
     }
@@ -83,8 +90,14 @@ impl<B> Locked<B> {
     pub fn lock(&self) {
         let mut state = self.state();
         state.locked = true;
-        let _state =
-            self.drained.wait_while(state, |s| s.locked && s.in_flight > 0).expect("locked layer state lock");
+        if state.in_flight > 0 {
+            state.waiting += 1;
+            state = self
+                .drained
+                .wait_while(state, |s| s.locked && s.in_flight > 0)
+                .expect("locked layer state lock");
+            state.waiting -= 1;
+        }
     }
 
     /// Opens the gate and wakes every blocked call.
@@ -104,20 +117,32 @@ impl<B> Locked<B> {
     pub fn wait_unlocked(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.state();
+        if !state.locked {
+            return true;
+        }
+        state.waiting += 1;
         while state.locked {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                break;
             }
             state = self.opened.wait_timeout(state, left).expect("locked layer state lock").0;
         }
-        true
+        state.waiting -= 1;
+        !state.locked
     }
 
     /// Number of calls inside the gate now.
     #[must_use]
     pub fn in_flight(&self) -> u64 {
         self.state().in_flight
+    }
+
+    /// Number of callers blocked in the layer now: calls and [`Locked::wait_unlocked`] waiting
+    /// for the gate to open, and [`Locked::lock`] waiting for the calls inside to return.
+    #[must_use]
+    pub fn waiting(&self) -> u64 {
+        self.state().waiting
     }
 
     /// The wrapped backend (using it directly bypasses the gate).
@@ -139,6 +164,7 @@ impl<B> fmt::Debug for Locked<B> {
         f.debug_struct("Locked")
             .field("locked", &state.locked)
             .field("in_flight", &state.in_flight)
+            .field("waiting", &state.waiting)
             .field("inner", &std::any::type_name::<B>())
             .finish()
     }
@@ -198,9 +224,7 @@ mod tests {
     use crate::backend::SharedBackend;
     use crate::backends::Memory;
     use crate::conformance;
-
-    const BLOCKED: Duration = Duration::from_millis(100);
-    const PROCEEDS: Duration = Duration::from_secs(10);
+    use crate::pipeline::testutil::{PATIENCE, wait_until};
 
     /// Runs `op` on a thread; the receiver gets its result when it returns.
     fn spawn_io(
@@ -213,6 +237,19 @@ mod tests {
             let _ = tx.send(op(&l));
         });
         rx
+    }
+
+    /// Waits until `n` callers are blocked in `l`, or one of `pending` has returned (it went
+    /// through when it should have blocked); then checks that none has.
+    fn assert_blocked<B, T: std::fmt::Debug>(l: &Locked<B>, n: u64, pending: &[&mpsc::Receiver<T>]) {
+        let mut early = None;
+        wait_until(&format!("{n} callers blocked at the gate"), || {
+            early = pending
+                .iter()
+                .position(|rx| matches!(rx.try_recv(), Ok(_) | Err(mpsc::TryRecvError::Disconnected)));
+            l.waiting() >= n || early.is_some()
+        });
+        assert_eq!(early, None, "caller {early:?} went through a locked gate");
     }
 
     #[test]
@@ -233,21 +270,19 @@ mod tests {
         let flush = spawn_io(&l, Backend::flush);
         let trim = spawn_io(&l, |l| l.trim(4096, 4096));
         let extents = spawn_io(&l, |l| l.extents(0, 8192).map(drop));
-        for rx in [&write, &read, &flush, &trim, &extents] {
-            assert!(
-                matches!(rx.recv_timeout(BLOCKED), Err(mpsc::RecvTimeoutError::Timeout)),
-                "I/O went through a locked gate"
-            );
-        }
+        assert_blocked(&l, 5, &[&write, &read, &flush, &trim, &extents]);
+        assert_eq!(l.in_flight(), 0);
         assert!(!l.wait_unlocked(Duration::from_millis(10)));
         assert_eq!(l.inner().read_at(&mut [0u8; 10], 100).ok(), Some(()));
+        assert_eq!(l.waiting(), 5);
 
         l.unlock();
         assert!(!l.is_locked());
         assert!(l.wait_unlocked(Duration::ZERO));
         for rx in [write, read, flush, trim, extents] {
-            rx.recv_timeout(PROCEEDS).expect("I/O proceeds after unlock").unwrap();
+            rx.recv_timeout(PATIENCE).expect("I/O proceeds after unlock").unwrap();
         }
+        assert_eq!(l.waiting(), 0);
         let mut back = [0u8; 10];
         l.read_at(&mut back, 100).unwrap();
         assert_eq!(back, [5u8; 10]);
@@ -259,11 +294,12 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let waiter = Arc::clone(&l);
         std::thread::spawn(move || {
-            let _ = tx.send(waiter.wait_unlocked(PROCEEDS));
+            // Far longer than the test waits: returning `true` means unlock woke it.
+            let _ = tx.send(waiter.wait_unlocked(Duration::from_secs(24 * 3600)));
         });
-        assert!(rx.recv_timeout(BLOCKED).is_err());
+        assert_blocked(&l, 1, &[&rx]);
         l.unlock();
-        assert_eq!(rx.recv_timeout(PROCEEDS), Ok(true));
+        assert_eq!(rx.recv_timeout(PATIENCE), Ok(true));
     }
 
     /// A backend whose reads block in the middle until the test lets them go.
@@ -309,16 +345,15 @@ mod tests {
             locker.lock();
             let _ = tx.send(locker.in_flight());
         });
-        assert!(
-            matches!(rx.recv_timeout(BLOCKED), Err(mpsc::RecvTimeoutError::Timeout)),
-            "lock returned while a read was in flight"
-        );
+        // The read stays inside until released below, so `lock` must be waiting for it.
+        assert_blocked(&l, 1, &[&rx]);
         assert!(l.is_locked(), "the gate closes before the wait");
 
         l.inner().release.wait();
-        assert_eq!(rx.recv_timeout(PROCEEDS), Ok(0));
+        assert_eq!(rx.recv_timeout(PATIENCE), Ok(0));
         assert_eq!(reader.join().unwrap().unwrap(), [1u8; 4]);
         assert!(l.is_locked());
+        assert_eq!(l.waiting(), 0);
     }
 
     #[test]
@@ -328,9 +363,9 @@ mod tests {
         l.lock();
         l.lock();
         let write = spawn_io(&l, |l| l.write_at(&[2], 0));
-        assert!(write.recv_timeout(BLOCKED).is_err());
+        assert_blocked(&l, 1, &[&write]);
         l.unlock();
-        write.recv_timeout(PROCEEDS).unwrap().unwrap();
+        write.recv_timeout(PATIENCE).unwrap().unwrap();
         l.lock();
         let read = spawn_io(&l, |l| {
             let mut b = [0u8];
@@ -338,10 +373,10 @@ mod tests {
             assert_eq!(b, [2]);
             Ok(())
         });
-        assert!(read.recv_timeout(BLOCKED).is_err());
+        assert_blocked(&l, 1, &[&read]);
         l.unlock();
-        read.recv_timeout(PROCEEDS).unwrap().unwrap();
+        read.recv_timeout(PATIENCE).unwrap().unwrap();
         let text = format!("{l:?}");
-        assert!(text.contains("locked: false"), "{text}");
+        assert!(text.contains("locked: false") && text.contains("waiting: 0"), "{text}");
     }
 }

@@ -9,7 +9,7 @@ pub mod tracked;
 
 pub use aligned::Aligned;
 pub use chunked::Chunked;
-pub use delay::Delay;
+pub use delay::{Clock, Delay, ManualClock, SystemClock};
 pub use fault::{FaultConfig, FaultInject, Ops};
 pub use locked::Locked;
 pub use tracked::Tracked;

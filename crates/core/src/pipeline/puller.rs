@@ -160,6 +160,9 @@ pub struct PullProgress {
     pub in_flight: usize,
     /// The current limit of requests in flight.
     pub depth: usize,
+    /// Worker threads started (or being started) so far: they start as the depth allows, up to
+    /// [`PullerOptions::depth`].
+    pub workers: usize,
     pub retries: u64,
     pub paused: bool,
     pub finalized: bool,
@@ -325,6 +328,7 @@ impl Puller {
             pulled_bytes: self.shared.pulled_bytes.load(Ordering::Relaxed),
             in_flight: q.in_flight,
             depth: q.limit,
+            workers: q.workers,
             retries: self.shared.retries.load(Ordering::Relaxed),
             paused: q.paused,
             finalized: q.finalized,
@@ -615,7 +619,7 @@ mod tests {
     use crate::backend::Backend;
     use crate::backends::Memory;
     use crate::pipeline::synced::SyncedOptions;
-    use crate::pipeline::testutil::{Probe, contents, pattern};
+    use crate::pipeline::testutil::{PATIENCE, Probe, contents, pattern, wait_until};
 
     const CS: u64 = 64 * 1024;
 
@@ -634,7 +638,19 @@ mod tests {
     fn pulls_everything_with_merged_requests() {
         let data = pattern(1, (40 * CS + 5) as usize);
         let (remote, synced) = setup(&data);
+        // Every request is held at the gate and let go one at a time, so a worker only looks for
+        // work while the runs of all the others are claimed: otherwise a worker that has run out
+        // of the order may sweep up chunks another one was handed but has not claimed yet,
+        // splitting that run into more requests than the slow start below.
+        remote.close_gate(true, false);
         let puller = Puller::start(Arc::clone(&synced), opts(4, 8 * CS)).unwrap();
+        let _open = remote.open_on_drop();
+        remote.wait_arrived(4);
+        for n in 5..=8 {
+            remote.release(1);
+            remote.wait_arrived(n);
+        }
+        remote.open_gate();
         puller.wait().unwrap();
         assert!(synced.is_complete());
         // 41 chunks in requests that start at one chunk and double up to 8 (slow start):
@@ -657,14 +673,17 @@ mod tests {
         remote.close_gate(true, false);
         let options = PullerOptions { initial_depth: Some(1), ..opts(4, CS) };
         let puller = Puller::start(Arc::clone(&synced), options).unwrap();
+        let _open = remote.open_on_drop();
         remote.wait_held(1);
-        std::thread::sleep(Duration::from_millis(30));
+        // A worker starts the others before it takes its first request: had the limit been
+        // ignored, more workers would be counted by now.
         let p = puller.progress();
-        assert_eq!((p.in_flight, p.depth), (1, 1), "{p:?}");
+        assert_eq!((p.in_flight, p.depth, p.workers), (1, 1, 1), "{p:?}");
         puller.set_depth(100);
         remote.wait_held(4);
         let p = puller.progress();
-        assert_eq!((p.in_flight, p.depth), (4, 4), "clamped to the workers: {p:?}");
+        assert_eq!((p.in_flight, p.depth, p.workers), (4, 4, 4), "clamped to the workers: {p:?}");
+        assert_eq!(remote.arrived(), 4);
         remote.open_gate();
         puller.wait().unwrap();
         assert_eq!(contents(&*synced), data);
@@ -676,15 +695,16 @@ mod tests {
         let (remote, synced) = setup(&data);
         remote.close_gate(true, false);
         let puller = Puller::start(Arc::clone(&synced), opts(4, CS)).unwrap();
+        let open = remote.open_on_drop();
         remote.wait_held(4);
-        remote.open_gate();
+        drop(open);
         // `close` stops and joins; the `Drop` after it must find nothing left to wait for.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             puller.close();
             tx.send(()).unwrap();
         });
-        rx.recv_timeout(Duration::from_secs(10)).expect("close returned");
+        rx.recv_timeout(PATIENCE).expect("close returned");
     }
 
     #[test]
@@ -716,10 +736,14 @@ mod tests {
         let (remote, synced) = setup(&data);
         let puller =
             Puller::start(Arc::clone(&synced), PullerOptions { finalized: false, ..opts(2, CS) }).unwrap();
-        while !synced.is_complete() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(!puller.wait_timeout(Some(Duration::from_millis(100))).unwrap());
+        // The worker that ends the last request looks for more work before it lets go of the
+        // queue, so once nothing is in flight a puller that ignored `finalized` would be done.
+        wait_until("every chunk pulled", || {
+            let p = puller.progress();
+            p.local_chunks == p.chunks && p.in_flight == 0
+        });
+        assert!(!puller.progress().done, "done before finalize");
+        assert!(!puller.wait_timeout(Some(Duration::ZERO)).unwrap());
         // The source changed chunks 2 and 5 after they were pulled.
         let newer = pattern(4, (2 * CS) as usize);
         remote.inner.write_at(&newer[..CS as usize], 2 * CS).unwrap();
@@ -745,9 +769,10 @@ mod tests {
         let puller =
             Puller::start(Arc::clone(&synced), PullerOptions { finalized: false, ..opts(1, 8 * CS) })
                 .unwrap();
-        while !synced.is_complete() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("every chunk pulled", || synced.is_complete());
+        // Paused while the chunks are invalidated: a sweep between `mark_remote` and `finalize`
+        // would fetch them in runs of its own instead of the batches counted below.
+        puller.pause();
         let (reads, batches) = (remote.reads.load(Ordering::SeqCst), remote.batches.load(Ordering::SeqCst));
         // Ten scattered chunks (two of them adjacent) changed at the source.
         let dirty: Vec<Chunk> = [1, 7, 8, 13, 22, 30, 41, 50, 57, 63].into_iter().map(Chunk).collect();
@@ -758,6 +783,7 @@ mod tests {
         }
         synced.mark_remote(dirty.iter().copied());
         puller.finalize(&dirty);
+        puller.resume();
         puller.wait().unwrap();
         // Eight chunks per request: two batches, nine reads (7 and 8 are one).
         assert_eq!(remote.batches.load(Ordering::SeqCst) - batches, 2);
@@ -775,16 +801,23 @@ mod tests {
     fn pause_stops_new_requests_and_resume_continues() {
         let data = pattern(5, (30 * CS) as usize);
         let (remote, synced) = setup(&data);
-        *remote.latency.lock().unwrap() = Duration::from_millis(5);
+        remote.close_gate(true, false);
         let puller = Puller::start(Arc::clone(&synced), opts(1, CS)).unwrap();
+        let _open = remote.open_on_drop();
+        remote.wait_held(1);
         puller.pause();
-        // The one request that may have been in flight lands; then nothing moves.
-        std::thread::sleep(Duration::from_millis(30));
-        let before = remote.reads.load(Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(remote.reads.load(Ordering::SeqCst), before);
+        // The request in flight lands. The worker looks for the next one before it lets go of
+        // the queue: when nothing is in flight any more it has found the puller paused, and had
+        // it not, its next request would be the second to reach the gate.
+        remote.release(1);
+        wait_until("the request in flight to land, or another to start", || {
+            puller.progress().in_flight == 0 || remote.arrived() > 1
+        });
+        assert_eq!(remote.arrived(), 1, "a request was sent while paused");
+        assert_eq!(remote.reads.load(Ordering::SeqCst), 1);
         assert!(puller.progress().paused);
         puller.resume();
+        remote.open_gate();
         puller.wait().unwrap();
         assert!(synced.is_complete());
     }
@@ -823,7 +856,7 @@ mod tests {
         let options =
             PullerOptions { max_attempts: 3, retry_backoff: Duration::from_millis(150), ..opts(16, CS) };
         let puller = Puller::start(Arc::clone(&synced), options).unwrap();
-        let ended = puller.wait_timeout(Some(Duration::from_secs(20)));
+        let ended = puller.wait_timeout(Some(PATIENCE));
         let err = ended.expect_err("the puller gave up");
         assert!(err.to_string().contains("failed on purpose"), "{err}");
     }

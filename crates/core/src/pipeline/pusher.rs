@@ -292,7 +292,7 @@ mod tests {
     use crate::backends::Memory;
     use crate::geometry::Chunk;
     use crate::pipeline::synced::SyncedOptions;
-    use crate::pipeline::testutil::{Probe, contents, pattern};
+    use crate::pipeline::testutil::{Probe, contents, pattern, wait_until};
 
     const CS: u64 = 64 * 1024;
 
@@ -344,11 +344,8 @@ mod tests {
         let (remote, pusher) =
             setup(&[0u8; 4096], PusherOptions { interval: Duration::from_millis(20), ..manual() });
         pusher.write_at(&[5u8; 100], 50).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while contents(&remote.inner)[50..150] != [5u8; 100] && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(contents(&remote.inner)[50..150], [5u8; 100]);
+        // Nothing but the background thread pushes: the write reaching the remote is the check.
+        wait_until("the background push", || contents(&remote.inner)[50..150] == [5u8; 100]);
         assert!(remote.writes.load(Ordering::SeqCst) >= 1);
     }
 
@@ -361,6 +358,7 @@ mod tests {
         remote.close_gate(false, true);
         std::thread::scope(|s| {
             let first = s.spawn(|| pusher.push());
+            let _open = remote.open_on_drop();
             // The push has read v1 and is held in the remote write.
             remote.wait_held(1);
             pusher.write_at(&v2, 0).unwrap();
@@ -401,11 +399,10 @@ mod tests {
         );
         remote.fail_next.store(5, Ordering::SeqCst);
         pusher.write_at(&[3u8; 4096], 0).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pusher.progress().dirty_chunks > 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert_eq!(contents(&remote.inner), vec![3u8; 4096]);
+        // Not `dirty_chunks == 0`: a push clears the dirty bits before it writes and sets them
+        // again when the write fails, so they read zero for a moment in every failed cycle.
+        wait_until("the retried push", || contents(&remote.inner) == vec![3u8; 4096]);
+        // One cycle at a time, and a failed one is counted before the next starts.
         assert!(pusher.progress().failed_cycles >= 5);
     }
 

@@ -92,6 +92,9 @@ pub struct SyncedStats {
     pub pushed_bytes: u64,
     /// Remote writes sent by pushes.
     pub push_requests: u64,
+    /// Times an access found a chunk that someone else was pulling (or writing whole) and waited
+    /// for them rather than send a request of its own.
+    pub waits: u64,
     /// Bytes of per-chunk metadata (bitmaps and the wait table).
     pub metadata_bytes: u64,
 }
@@ -105,6 +108,7 @@ struct Counters {
     pushed_chunks: AtomicU64,
     pushed_bytes: AtomicU64,
     push_requests: AtomicU64,
+    waits: AtomicU64,
 }
 
 /// Where waiters sleep, and which in-flight fills were invalidated. One per group of chunks.
@@ -245,6 +249,7 @@ impl Synced {
             pushed_chunks: c.pushed_chunks.load(Ordering::Relaxed),
             pushed_bytes: c.pushed_bytes.load(Ordering::Relaxed),
             push_requests: c.push_requests.load(Ordering::Relaxed),
+            waits: c.waits.load(Ordering::Relaxed),
             metadata_bytes: (bitmaps + stripes) as u64,
         }
     }
@@ -424,6 +429,9 @@ impl Synced {
     fn wait_not_busy(&self, c: u64) {
         let stripe = self.stripe(c);
         let mut guard = stripe.stale.lock().expect("synced stripe lock");
+        if self.busy.get(c) {
+            self.counters.waits.fetch_add(1, Ordering::Relaxed);
+        }
         while self.busy.get(c) {
             guard = stripe.cv.wait(guard).expect("synced stripe lock");
         }
@@ -753,7 +761,7 @@ mod tests {
     use super::*;
     use crate::backends::Memory;
     use crate::conformance;
-    use crate::pipeline::testutil::{Probe, contents, pattern};
+    use crate::pipeline::testutil::{Probe, contents, pattern, wait_until};
 
     const CS: u64 = 64 * 1024;
 
@@ -877,8 +885,14 @@ mod tests {
                     })
                 })
                 .collect();
+            let _open = remote.open_on_drop();
             remote.wait_held(1);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            // Hold the one pull until every other reader has either found it and waits for it,
+            // or sent a request of its own (which would be the second to reach the gate).
+            wait_until("the other readers to wait for the pull", || {
+                s.stats().waits >= 7 || remote.arrived() > 1
+            });
+            assert_eq!(remote.arrived(), 1, "a second reader sent a request of its own");
             remote.open_gate();
             for (i, r) in readers.into_iter().enumerate() {
                 let off = (CS + i as u64 * 100) as usize;

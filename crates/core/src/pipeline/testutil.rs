@@ -1,10 +1,24 @@
 //! A probing backend for the pipeline's tests: counts calls, fails on demand, holds calls at a
-//! gate, and remembers the offsets it was asked for.
+//! gate, and remembers the offsets it was asked for. Also [`wait_until`], for the few conditions
+//! that have no event to wait on.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that must happen before it calls it a hang.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `cond` until it holds; panics naming `what` after [`PATIENCE`]. Only for conditions
+/// without an event to wait on: the outcome never depends on how long it takes.
+pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "still waiting for {what} after {PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 use crate::backend::{Backend, Capabilities};
 use crate::backends::Memory;
@@ -12,7 +26,12 @@ use crate::backends::Memory;
 #[derive(Debug, Default)]
 struct Gate {
     closed: bool,
+    /// Calls held at the gate now.
     waiting: usize,
+    /// Calls that reached the closed gate so far (held, released or still held).
+    arrived: usize,
+    /// Held calls [`Probe::release`] lets through while the gate stays closed.
+    permits: usize,
 }
 
 #[derive(Debug)]
@@ -69,11 +88,41 @@ impl Probe {
         self.cv.notify_all();
     }
 
+    /// Opens the gate when the guard drops. Take it after starting whatever the gate holds (a
+    /// puller, scoped threads), so that a failing assertion lets the held calls go before that is
+    /// joined, and the test fails instead of hanging.
+    pub(crate) fn open_on_drop(&self) -> OpenOnDrop<'_> {
+        OpenOnDrop(self)
+    }
+
+    /// Lets `n` held (or future) calls through while the gate stays closed for the others.
+    pub(crate) fn release(&self, n: usize) {
+        self.gate.lock().unwrap().permits += n;
+        self.cv.notify_all();
+    }
+
     /// Waits until `n` calls are held at the gate.
     pub(crate) fn wait_held(&self, n: usize) {
+        self.wait_gate(|g| g.waiting >= n, &format!("{n} calls held at the gate"));
+    }
+
+    /// Waits until `n` calls in all have reached the closed gate (released ones included).
+    pub(crate) fn wait_arrived(&self, n: usize) {
+        self.wait_gate(|g| g.arrived >= n, &format!("{n} calls to reach the gate"));
+    }
+
+    /// Calls that reached the closed gate so far.
+    pub(crate) fn arrived(&self) -> usize {
+        self.gate.lock().unwrap().arrived
+    }
+
+    fn wait_gate(&self, done: impl Fn(&Gate) -> bool, what: &str) {
+        let deadline = Instant::now() + PATIENCE;
         let mut g = self.gate.lock().unwrap();
-        while g.waiting < n {
-            g = self.cv.wait_timeout(g, Duration::from_secs(10)).unwrap().0;
+        while !done(&g) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "still waiting for {what} after {PATIENCE:?}: {g:?}");
+            g = self.cv.wait_timeout(g, left).unwrap().0;
         }
     }
 
@@ -86,11 +135,16 @@ impl Probe {
             let mut g = self.gate.lock().unwrap();
             if g.closed {
                 g.waiting += 1;
+                g.arrived += 1;
                 self.cv.notify_all();
-                while g.closed {
+                while g.closed && g.permits == 0 {
                     g = self.cv.wait(g).unwrap();
                 }
+                if g.closed {
+                    g.permits -= 1;
+                }
                 g.waiting -= 1;
+                self.cv.notify_all();
             }
         }
     }
@@ -102,6 +156,15 @@ impl Probe {
             return Err(io::Error::other(format!("probe: {what} failed on purpose")));
         }
         Ok(())
+    }
+}
+
+/// See [`Probe::open_on_drop`].
+pub(crate) struct OpenOnDrop<'a>(&'a Probe);
+
+impl Drop for OpenOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.open_gate();
     }
 }
 
