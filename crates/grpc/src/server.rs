@@ -369,8 +369,29 @@ impl GrpcServer {
     pub fn start(addr: SocketAddr, export: GrpcExport) -> io::Result<Self> {
         let (backend, grace) = (export.backend.clone(), export.shutdown_grace);
         let router = router(export)?;
-        let std_listener = std::net::TcpListener::bind(addr)
+        let listener = std::net::TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        Self::spawn(router, listener, backend, grace)
+    }
+
+    /// Serves `export` on a listener the caller bound, with whatever socket options it needs (the
+    /// server takes it over and closes it at shutdown); otherwise as [`start`](GrpcServer::start).
+    ///
+    /// # Errors
+    /// The listener cannot be used by tokio; `InvalidInput` for a `max_read` out of range or TLS
+    /// material that does not parse.
+    pub fn start_listener(listener: std::net::TcpListener, export: GrpcExport) -> io::Result<Self> {
+        let (backend, grace) = (export.backend.clone(), export.shutdown_grace);
+        let router = router(export)?;
+        Self::spawn(router, listener, backend, grace)
+    }
+
+    fn spawn(
+        router: Router,
+        std_listener: std::net::TcpListener,
+        backend: SharedBackend,
+        grace: Duration,
+    ) -> io::Result<Self> {
         std_listener.set_nonblocking(true)?;
         let local_addr = std_listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -2,13 +2,14 @@
 //! otherwise): a userfaultfd region written through its memory is the source, and FUSE mounts
 //! carry the application's file at both ends.
 
+use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use r3map_core::pipeline::puller::PullerOptions;
-use r3map_core::{Backend, Memory, SharedBackend};
+use r3map_core::{Backend, Capabilities, Extent, Memory, SharedBackend};
 use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions, Source, SourceHooks};
 use r3map_mount::{Hooks, Mount, MountOptions};
 use r3map_net::client::Address;
@@ -149,6 +150,65 @@ fn an_application_file_on_a_mount_moves_to_a_mount() {
     leecher.close().unwrap();
 }
 
+/// A backend that counts the reads that reach it, before passing them on.
+struct Arrivals<B> {
+    inner: B,
+    reads: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl<B> Arrivals<B> {
+    fn new(inner: B) -> Self {
+        Self { inner, reads: Mutex::new(0), changed: Condvar::new() }
+    }
+
+    fn arrived(&self) {
+        *self.reads.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a read has arrived (a watchdog fails the test if none comes).
+    fn wait_for_a_read(&self) {
+        let (_reads, waited) = self
+            .changed
+            .wait_timeout_while(self.reads.lock().unwrap(), Duration::from_secs(60), |r| *r == 0)
+            .unwrap();
+        assert!(!waited.timed_out(), "no read reached the destination's view in 60 s");
+    }
+}
+
+impl<B: Backend> Backend for Arrivals<B> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.arrived();
+        self.inner.read_at(buf, off)
+    }
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.arrived();
+        self.inner.read_many(reads)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.trim(off, len)
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(off, len)
+    }
+    fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.inner.extents(off, len)
+    }
+}
+
 #[test]
 fn a_region_at_the_destination_waits_for_finalize() {
     let memory = Arc::new(Memory::with_page_size(SIZE, CHUNK).unwrap());
@@ -157,9 +217,11 @@ fn a_region_at_the_destination_waits_for_finalize() {
     let server = serve(source.clone(), source.clone());
     let leecher = leech(&server);
     // The application's memory at the destination is a region over the leecher's view: its
-    // faults wait until finalize, then are served from what was pulled (or fetched first).
+    // faults wait until finalize, then are served from what was pulled (or fetched first). The
+    // test sees a fault arrive at the view.
+    let view = Arc::new(Arrivals::new(leecher.backend()));
     let options = RegionOptions { chunk_size: CHUNK, pull: None, ..RegionOptions::default() };
-    let region = match Region::open(leecher.backend(), options) {
+    let region = match Region::open(view.clone(), options) {
         Ok(r) => Arc::new(r),
         Err(RegionError::Unavailable(e)) => return println!("skipped: {e}"),
         Err(e) => panic!("{e}"),
@@ -171,12 +233,17 @@ fn a_region_at_the_destination_waits_for_finalize() {
         flag.store(true, Ordering::SeqCst);
         v
     });
-    source.write_at(&[0xee], SIZE - 1).unwrap();
     leecher.precopy().unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    view.wait_for_a_read();
+    // The source's application writes once more after the pre-copy, while the access waits:
+    // only the final sync carries it, so an access let through early would see the old byte.
+    let mut last = [0u8];
+    memory.read_at(&mut last, SIZE - 1).unwrap();
+    let new = !last[0];
+    source.write_at(&[new], SIZE - 1).unwrap();
     assert!(!touched.load(Ordering::SeqCst), "the access waits for finalize");
     leecher.finalize().unwrap();
-    assert_eq!(reader.join().unwrap(), 0xee, "the access sees the source's last write");
+    assert_eq!(reader.join().unwrap(), new, "the access sees the source's last write");
     assert!(contents(&*region) == contents(&*memory));
     leecher.wait().unwrap();
 }

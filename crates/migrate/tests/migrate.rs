@@ -3,13 +3,14 @@
 //! dies before finalize; a chain A → B → C, by hand and with the one-step `Migrator`.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use r3map_core::pipeline::puller::PullerOptions;
-use r3map_core::{Backend, Memory, SharedBackend};
+use r3map_core::{Backend, Chunk, Memory, Seeder, SharedBackend};
 use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions, Migrator, Source, SourceHooks, SourcePhase};
 use r3map_net::client::Address;
 use r3map_net::{
@@ -19,18 +20,49 @@ use r3map_net::{
 const SIZE: u64 = 16 << 20;
 const CHUNK: u64 = 64 * 1024;
 
+/// How many writes the application has made, for waiting until it writes on.
+#[derive(Default)]
+struct Progress {
+    writes: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Progress {
+    fn add(&self) {
+        *self.writes.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+
+    fn count(&self) -> u64 {
+        *self.writes.lock().unwrap()
+    }
+
+    /// Waits until `n` writes have been made (a watchdog fails the test if they stop coming).
+    fn wait_for(&self, n: u64) {
+        let (writes, waited) = self
+            .changed
+            .wait_timeout_while(self.writes.lock().unwrap(), Duration::from_secs(60), |w| *w < n)
+            .unwrap();
+        assert!(
+            !waited.timed_out(),
+            "the application stopped writing after {} writes (waited for {n})",
+            *writes
+        );
+    }
+}
+
 /// An application writing random 4 KiB blocks to its memory until it is suspended.
 struct Writer {
     stopped: Arc<Mutex<bool>>,
-    writes: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Writer {
     fn start(target: SharedBackend, seed: u64, hot: u64) -> Self {
         let stopped = Arc::new(Mutex::new(false));
-        let writes = Arc::new(AtomicU64::new(0));
-        let (s, w) = (Arc::clone(&stopped), Arc::clone(&writes));
+        let progress = Arc::new(Progress::default());
+        let (s, w) = (Arc::clone(&stopped), Arc::clone(&progress));
         let thread = std::thread::spawn(move || {
             let mut rng = fastrand::Rng::with_seed(seed);
             let mut block = vec![0u8; 4096];
@@ -45,11 +77,12 @@ impl Writer {
                 let off = rng.u64(..span / 4096) * 4096;
                 target.write_at(&block, off).unwrap();
                 drop(guard);
-                w.fetch_add(1, Ordering::Relaxed);
+                w.add();
+                // Pacing, so that the copy gets some of the machine.
                 std::thread::sleep(Duration::from_micros(50));
             }
         });
-        Self { stopped, writes, thread: Some(thread) }
+        Self { stopped, progress, thread: Some(thread) }
     }
 
     /// The source's suspend hook: no write happens after it returns.
@@ -79,15 +112,54 @@ fn random_memory(seed: u64) -> Memory {
     m
 }
 
+fn config(backend: SharedBackend, seeder: Arc<dyn Seeder>) -> ServerConfig {
+    let export =
+        Export::new("default", backend).with_seeder(seeder).with_chunk_size(u32::try_from(CHUNK).unwrap());
+    ServerConfig::new(export, ServerSecurity::Plaintext)
+}
+
 fn serve<B: Backend + 'static>(source: Arc<Source<B>>) -> ServerHandle {
-    let export = Export::new("default", source.clone())
-        .with_seeder(source)
-        .with_chunk_size(u32::try_from(CHUNK).unwrap());
     ServerHandle::start_tcp(
-        Server::new(ServerConfig::new(export, ServerSecurity::Plaintext)).unwrap(),
+        Server::new(config(source.clone(), source)).unwrap(),
         "127.0.0.1:0".parse().unwrap(),
     )
     .unwrap()
+}
+
+/// A loopback port that stays this test's after its server shut down: a socket bound to it
+/// without listening holds it, so the destination's reconnections are refused, and cannot reach
+/// a server another test started on the same port. Its sockets have `SO_REUSEPORT`, which lets
+/// the server's listener share the port with the one that holds it.
+struct HeldPort {
+    addr: SocketAddr,
+    _hold: tokio::net::TcpSocket,
+}
+
+impl HeldPort {
+    fn new() -> Self {
+        let hold = reuse_port_socket();
+        hold.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self { addr: hold.local_addr().unwrap(), _hold: hold }
+    }
+
+    /// The source's server, on the port.
+    fn serve<B: Backend + 'static>(&self, source: Arc<Source<B>>) -> ServerHandle {
+        let socket = reuse_port_socket();
+        socket.bind(self.addr).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        let listener = {
+            let _guard = runtime.enter();
+            socket.listen(1024).unwrap().into_std().unwrap()
+        };
+        ServerHandle::start_tcp_listener(Server::new(config(source.clone(), source)).unwrap(), listener)
+            .unwrap()
+    }
+}
+
+fn reuse_port_socket() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket
 }
 
 fn connect(server: &ServerHandle, timeout: Duration) -> Arc<RemoteBackend> {
@@ -95,6 +167,107 @@ fn connect(server: &ServerHandle, timeout: Duration) -> Arc<RemoteBackend> {
     let mut options = ClientOptions::new(ClientSecurity::Plaintext);
     options.timeout = timeout;
     Arc::new(RemoteBackend::connect(address, options).unwrap())
+}
+
+/// A source's seeder operations that wait, each, until the application has written again since
+/// the one before: every pre-copy round and the final sync find writes, however the threads are
+/// scheduled. Two writes, since the first one counted may have been recorded before the last
+/// operation took the dirty set; the next began after it.
+struct AfterWrites<B> {
+    source: Arc<Source<B>>,
+    progress: Arc<Progress>,
+    seen: Mutex<u64>,
+}
+
+impl<B: Backend> AfterWrites<B> {
+    fn wait(&self) {
+        self.progress.wait_for(*self.seen.lock().unwrap() + 2);
+    }
+
+    fn mark(&self) {
+        *self.seen.lock().unwrap() = self.progress.count();
+    }
+}
+
+impl<B: Backend> Seeder for AfterWrites<B> {
+    fn chunk_size(&self) -> u64 {
+        self.source.chunk_size()
+    }
+    fn track(&self) -> io::Result<()> {
+        self.source.track()?;
+        self.mark();
+        Ok(())
+    }
+    fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
+        self.wait();
+        let dirty = self.source.take_dirty()?;
+        self.mark();
+        Ok(dirty)
+    }
+    fn sync(&self) -> io::Result<Vec<Chunk>> {
+        self.wait();
+        self.source.sync()
+    }
+    fn close(&self) -> io::Result<()> {
+        self.source.close()
+    }
+}
+
+/// A backend whose reads, after the first `free` ones, wait at a gate until the test opens it.
+struct GatedReads<B> {
+    inner: B,
+    gate: Mutex<Gate>,
+    changed: Condvar,
+}
+
+struct Gate {
+    free: usize,
+    held: usize,
+    open: bool,
+}
+
+impl<B: Backend> GatedReads<B> {
+    fn new(inner: B, free: usize) -> Self {
+        Self { inner, gate: Mutex::new(Gate { free, held: 0, open: false }), changed: Condvar::new() }
+    }
+
+    /// Waits until a read is held at the gate (a watchdog fails the test if none comes).
+    fn wait_held(&self) {
+        let (_gate, waited) = self
+            .changed
+            .wait_timeout_while(self.gate.lock().unwrap(), Duration::from_secs(60), |g| g.held == 0)
+            .unwrap();
+        assert!(!waited.timed_out(), "no read reached the held gate in 60 s");
+    }
+
+    fn open(&self) {
+        self.gate.lock().unwrap().open = true;
+        self.changed.notify_all();
+    }
+}
+
+impl<B: Backend> Backend for GatedReads<B> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut gate = self.gate.lock().unwrap();
+        if gate.free > 0 {
+            gate.free -= 1;
+        } else if !gate.open {
+            gate.held += 1;
+            self.changed.notify_all();
+            gate = self.changed.wait_while(gate, |g| !g.open).unwrap();
+        }
+        drop(gate);
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 fn contents(b: &dyn Backend) -> Vec<u8> {
@@ -122,9 +295,18 @@ fn a_resource_written_during_precopy_arrives_whole() {
         ..SourceHooks::default()
     };
     let writer_target = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, hooks).unwrap());
-    let server = serve(Arc::clone(&writer_target));
     let writer = Writer::start(writer_target.clone(), 2, 1 << 20);
     *suspend.lock().unwrap() = Some(Box::new(writer.suspender()));
+    let seeder = Arc::new(AfterWrites {
+        source: Arc::clone(&writer_target),
+        progress: Arc::clone(&writer.progress),
+        seen: Mutex::new(0),
+    });
+    let server = ServerHandle::start_tcp(
+        Server::new(config(writer_target.clone(), seeder)).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
 
     let after_sync = Arc::new(AtomicU64::new(0));
     let seen = Arc::clone(&after_sync);
@@ -136,7 +318,7 @@ fn a_resource_written_during_precopy_arrives_whole() {
     let leecher = Leecher::open(remote, Arc::new(Memory::new(SIZE)), options(), hooks).unwrap();
     assert!(leecher.backend().is_locked());
     let rounds = leecher.precopy().unwrap();
-    assert!(writer.writes.load(Ordering::Relaxed) > 0, "the application wrote during pre-copy");
+    assert!(writer.progress.count() > 0, "the application wrote during pre-copy");
     let finalized = leecher.finalize().unwrap();
     assert_eq!(finalized.dirty.len() as u64, after_sync.load(Ordering::SeqCst));
     assert!(
@@ -160,9 +342,11 @@ fn a_resource_written_during_precopy_arrives_whole() {
 fn a_source_that_dies_before_finalize_fails_the_destination_only() {
     let app_memory = Arc::new(random_memory(3));
     let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, SourceHooks::default()).unwrap());
-    let server = serve(Arc::clone(&source));
+    let port = HeldPort::new();
+    let server = port.serve(Arc::clone(&source));
     let writer = Writer::start(source.clone(), 4, SIZE);
-    let remote = connect(&server, Duration::from_secs(2));
+    // The deadline the calls to the gone source fail at.
+    let remote = connect(&server, Duration::from_secs(5));
     // A slow pull, so the source goes away in the middle of it.
     let slow = LeecherOptions {
         puller: PullerOptions { depth: 1, request_size: CHUNK, max_attempts: 2, ..PullerOptions::default() },
@@ -173,9 +357,7 @@ fn a_source_that_dies_before_finalize_fails_the_destination_only() {
     assert!(leecher.precopy().is_err() || leecher.finalize().is_err(), "the migration must fail");
     assert!(leecher.backend().is_locked(), "the destination never went live");
     // The application at the source goes on writing, and its source state was not touched.
-    let before = writer.writes.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(writer.writes.load(Ordering::Relaxed) > before);
+    writer.progress.wait_for(writer.progress.count() + 1);
     assert_eq!(source.phase(), SourcePhase::Tracking);
 }
 
@@ -324,11 +506,10 @@ impl Proxy {
 
 #[test]
 fn a_link_dropped_during_postcopy_is_reconnected() {
-    use r3map_core::Delay;
     let app_memory = Arc::new(random_memory(7));
-    // Every read at the source takes 10 ms, so the post-copy lasts long enough to cut it.
-    let slow = Delay::new(Arc::clone(&app_memory), Duration::from_millis(10));
-    let source = Arc::new(Source::new(slow, CHUNK, SourceHooks::default()).unwrap());
+    // After a few chunks, the source holds its reads until the link has been cut.
+    let gated = Arc::new(GatedReads::new(Arc::clone(&app_memory), 8));
+    let source = Arc::new(Source::new(Arc::clone(&gated), CHUNK, SourceHooks::default()).unwrap());
     let server = serve(Arc::clone(&source));
     let proxy = Proxy::start(server.local_addr().unwrap());
     let address = Address::Tcp { host: "127.0.0.1".into(), port: proxy.port };
@@ -342,9 +523,12 @@ fn a_link_dropped_during_postcopy_is_reconnected() {
         Leecher::open(remote, Arc::new(Memory::new(SIZE)), options, LeecherHooks::default()).unwrap();
     // Finalize at once: almost everything arrives in the post-copy.
     leecher.finalize().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // A read of the post-copy is at the source when the link breaks: its answer is lost with
+    // the connection, and the destination must ask again on a new one.
+    gated.wait_held();
     let before = leecher.progress().local_chunks;
     proxy.cut();
+    gated.open();
     leecher.wait().unwrap();
     assert!(before < leecher.progress().chunks, "the link was cut during the post-copy");
     let expected = contents(&*app_memory);
@@ -402,12 +586,14 @@ fn a_migration_over_tls_with_client_certificates() {
 
 #[test]
 fn a_source_lost_for_good_during_postcopy_is_reported() {
-    use r3map_core::Delay;
     let app_memory = Arc::new(random_memory(11));
-    let slow = Delay::new(Arc::clone(&app_memory), Duration::from_millis(10));
-    let source = Arc::new(Source::new(slow, CHUNK, SourceHooks::default()).unwrap());
-    let server = serve(Arc::clone(&source));
-    let remote = connect(&server, Duration::from_secs(2));
+    // After a few chunks, the source answers no more reads: the post-copy cannot finish.
+    let gated = Arc::new(GatedReads::new(Arc::clone(&app_memory), 8));
+    let source = Arc::new(Source::new(Arc::clone(&gated), CHUNK, SourceHooks::default()).unwrap());
+    let port = HeldPort::new();
+    let server = port.serve(Arc::clone(&source));
+    // The deadline the calls to the gone source fail at.
+    let remote = connect(&server, Duration::from_secs(5));
     let options = LeecherOptions {
         puller: PullerOptions {
             depth: 2,
@@ -421,10 +607,15 @@ fn a_source_lost_for_good_during_postcopy_is_reported() {
     let leecher =
         Leecher::open(remote, Arc::new(Memory::new(SIZE)), options, LeecherHooks::default()).unwrap();
     leecher.finalize().unwrap();
-    server.shutdown().unwrap();
+    // The source goes away in the middle of the post-copy. Its shutdown waits for the reads it
+    // holds, which are let go only once the destination gave up on them.
+    gated.wait_held();
+    let shutdown = std::thread::spawn(move || server.shutdown());
     // The post-copy cannot finish: waiting reports it, reads of chunks that never arrived fail
     // (never zeroes or stale data), and the migration cannot be closed as if it had succeeded.
     assert!(leecher.wait().is_err());
+    gated.open();
+    shutdown.join().unwrap().unwrap();
     let mut buf = vec![0u8; 4096];
     let last = SIZE - 4096;
     match leecher.backend().read_at(&mut buf, last) {

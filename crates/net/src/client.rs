@@ -648,7 +648,7 @@ async fn connection(
             while let Ok(r) = rx.try_recv() {
                 queue.push_back(r);
             }
-            expire(&mut queue);
+            expire(&mut queue, &target);
             if queue.is_empty() {
                 continue;
             }
@@ -726,7 +726,8 @@ async fn connection(
     }
 }
 
-fn expire(queue: &mut VecDeque<Request>) {
+/// Fails the requests whose deadline passed while they waited for a connection.
+fn expire(queue: &mut VecDeque<Request>, target: &Target) {
     let now = Instant::now();
     let (keep, expired): (VecDeque<Request>, VecDeque<Request>) =
         queue.drain(..).partition(|r| r.deadline > now);
@@ -734,7 +735,10 @@ fn expire(queue: &mut VecDeque<Request>) {
     for r in expired {
         r.fail(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the server could not be reached before the request's deadline",
+            format!(
+                "{} could not be reached within {:?}, the request's deadline",
+                target.address, target.options.timeout
+            ),
         ));
     }
 }

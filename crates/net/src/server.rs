@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use r3map_core::{Capabilities, Seeder, SharedBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -194,10 +194,14 @@ pub struct ServerConfig {
     pub max_request: u32,
     /// Requests executed at once per connection.
     pub max_in_flight: usize,
+    /// How long a client may take for the TLS handshake and, again, for its hello; one that takes
+    /// longer is disconnected. Shutdown does not wait for it either way.
+    pub handshake_timeout: Duration,
 }
 
 impl ServerConfig {
-    /// One export, the given security, no token, 32 MiB requests, 64 in flight per connection.
+    /// One export, the given security, no token, 32 MiB requests, 64 in flight per connection,
+    /// [`HANDSHAKE_TIMEOUT`] for the handshake.
     #[must_use]
     pub fn new(export: Export, security: ServerSecurity) -> Self {
         Self {
@@ -206,6 +210,7 @@ impl ServerConfig {
             token: None,
             max_request: proto::DEFAULT_MAX_REQUEST,
             max_in_flight: 64,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -217,6 +222,7 @@ struct Inner {
     token: Option<String>,
     max_request: u32,
     max_in_flight: usize,
+    handshake_timeout: Duration,
     pool: BufPool,
 }
 
@@ -232,8 +238,9 @@ impl fmt::Debug for Server {
     }
 }
 
-/// How long a client may take for the TLS handshake and its hello.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default [`ServerConfig::handshake_timeout`]: how long a client may take for the TLS handshake
+/// and its hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Signals shutdown to everything a server runs.
 type Shutdown = watch::Receiver<bool>;
@@ -274,6 +281,7 @@ impl Server {
                 token: config.token,
                 max_request: config.max_request,
                 max_in_flight: config.max_in_flight.max(1),
+                handshake_timeout: config.handshake_timeout,
                 pool: BufPool::new(256),
             }),
         })
@@ -322,8 +330,9 @@ impl Server {
                         connections.spawn(async move {
                             let peer = incoming.peer.clone();
                             let mut early_stop = stop.clone();
+                            let timeout = server.inner.handshake_timeout;
                             let established = tokio::select! {
-                                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming.establish()) => r,
+                                r = tokio::time::timeout(timeout, incoming.establish()) => r,
                                 _ = early_stop.changed() => return,
                             };
                             match established {
@@ -336,7 +345,7 @@ impl Server {
                     Err(e) => {
                         // Out of file descriptors and the like: keep serving the clients we have.
                         tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -363,11 +372,11 @@ impl Server {
 
     /// Serves one connection that is already established (and, for TCP, already through TLS).
     ///
-    /// A client has [`HANDSHAKE_TIMEOUT`] to complete its hello; shutdown ends a handshake that is
-    /// still going on.
+    /// A client has [`ServerConfig::handshake_timeout`] to complete its hello; shutdown ends a
+    /// handshake that is still going on.
     pub async fn serve_connection(&self, mut io: BoxedIo, peer: String, mut shutdown: Shutdown) {
         let hello = tokio::select! {
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut io)) => r,
+            r = tokio::time::timeout(self.inner.handshake_timeout, self.handshake(&mut io)) => r,
             _ = shutdown.changed() => return,
         };
         let export = match hello {
@@ -693,6 +702,29 @@ impl ServerHandle {
     pub fn start_tcp(server: Server, addr: SocketAddr) -> io::Result<Self> {
         let runtime = runtime()?;
         let listener = runtime.block_on(TcpListener::bind(addr))?;
+        Self::serve_tcp_on(server, runtime, listener)
+    }
+
+    /// Serves TCP on a listener the caller bound, with whatever socket options it needs (the
+    /// server takes it over and closes it at shutdown).
+    ///
+    /// # Errors
+    /// The listener cannot be used by tokio, or building the runtime.
+    pub fn start_tcp_listener(server: Server, listener: std::net::TcpListener) -> io::Result<Self> {
+        let runtime = runtime()?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(listener)?
+        };
+        Self::serve_tcp_on(server, runtime, listener)
+    }
+
+    fn serve_tcp_on(
+        server: Server,
+        runtime: tokio::runtime::Runtime,
+        listener: TcpListener,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new().name("r3map-server".into()).spawn(move || {

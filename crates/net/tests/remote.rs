@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use r3map_core::{Backend, Chunk, File, Memory, Seeder, SharedBackend, Tracked, conformance};
@@ -32,6 +32,44 @@ fn pki() -> Pki {
 
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
+}
+
+/// A loopback port that stays this test's while no server listens on it, for servers that go
+/// away and come back on the same address: a socket bound to it without listening holds it, so
+/// that no other test on the machine can take it (a client's reconnection could reach that one)
+/// and connections to it are refused. Every socket on it has `SO_REUSEPORT`, which lets the
+/// listeners share the port with the one that holds it.
+struct HeldPort {
+    addr: SocketAddr,
+    _hold: tokio::net::TcpSocket,
+}
+
+impl HeldPort {
+    fn new() -> Self {
+        let hold = reuse_port_socket();
+        hold.bind(any_port()).unwrap();
+        Self { addr: hold.local_addr().unwrap(), _hold: hold }
+    }
+
+    /// A listener on the port; the port stays held when the server that takes it closes it.
+    fn listener(&self) -> std::net::TcpListener {
+        let socket = reuse_port_socket();
+        socket.bind(self.addr).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+        let _guard = runtime.enter();
+        socket.listen(1024).unwrap().into_std().unwrap()
+    }
+
+    /// A server on the port.
+    fn serve(&self, config: ServerConfig) -> ServerHandle {
+        ServerHandle::start_tcp_listener(Server::new(config).unwrap(), self.listener()).unwrap()
+    }
+}
+
+fn reuse_port_socket() -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket
 }
 
 fn start(backend: SharedBackend, security: ServerSecurity, token: Option<&str>) -> ServerHandle {
@@ -260,7 +298,8 @@ fn many_concurrent_clients() {
 /// A raw connection that has passed the handshake, for sending frames by hand.
 fn raw(server: &ServerHandle) -> TcpStream {
     let mut s = TcpStream::connect(server.local_addr().unwrap()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // A watchdog only: a server that never answers fails the test instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let hello = ClientHello {
         version: proto::VERSION,
         export: "default".into(),
@@ -290,9 +329,15 @@ fn read_error_reply(s: &mut TcpStream) -> (ReplyHeader, String) {
     (h, String::from_utf8(msg).unwrap())
 }
 
+/// Whether the server closed the connection (a reset counts: it may close with unread bytes).
+/// The read timeout of [`raw`] is not a close: a connection left open fails the test.
 fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
 }
 
 /// Sends one seeder request on a raw connection and returns the chunk list it answers.
@@ -399,7 +444,7 @@ fn bad_frames_get_an_error_and_the_server_serves_on() {
 fn a_garbage_hello_is_refused() {
     let server = start(Arc::new(Memory::new(4096)), ServerSecurity::Plaintext, None);
     let mut s = TcpStream::connect(server.local_addr().unwrap()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply);
@@ -413,12 +458,13 @@ fn a_garbage_hello_is_refused() {
 fn the_client_rides_out_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
-    let backend = Arc::new(File::create(&path, 1 << 20).unwrap());
-    let server = start(backend, ServerSecurity::Plaintext, None);
-    let addr = server.local_addr().unwrap();
+    let port = HeldPort::new();
+    let config = |backend| ServerConfig::new(Export::new("default", backend), ServerSecurity::Plaintext);
+    let server = port.serve(config(Arc::new(File::create(&path, 1 << 20).unwrap())));
     let mut options = plain_options(None);
-    options.timeout = Duration::from_secs(20);
-    let client = Arc::new(RemoteBackend::connect(tcp(&server), options).unwrap());
+    options.timeout = Duration::from_secs(60);
+    let address = Address::Tcp { host: "127.0.0.1".into(), port: port.addr.port() };
+    let client = Arc::new(RemoteBackend::connect(address, options).unwrap());
     let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
     client.write_at(&data, 0).unwrap();
     server.shutdown().unwrap();
@@ -431,30 +477,41 @@ fn the_client_rides_out_a_server_restart() {
             client.read_at(&mut buf, 0).map(|()| buf)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
-    let backend = Arc::new(File::open(&path).unwrap());
-    let config = ServerConfig::new(Export::new("default", backend), ServerSecurity::Plaintext);
-    let _restarted = ServerHandle::start_tcp(Server::new(config).unwrap(), addr).unwrap();
+    // The client reconnects only to send something: a connection here means the read was sent
+    // while nothing listened (its attempts until now were refused). Closing it unanswered is one
+    // more failed attempt.
+    let listener = port.listener();
+    listener.set_nonblocking(false).unwrap();
+    let (attempted, attempt) = mpsc::channel();
+    std::thread::spawn(move || {
+        let accepted = listener.accept().map(drop);
+        attempted.send((listener, accepted))
+    });
+    let Ok((listener, accepted)) = attempt.recv_timeout(Duration::from_secs(60)) else {
+        panic!("the client has not tried to reconnect in 60 s");
+    };
+    accepted.unwrap();
+    let config = config(Arc::new(File::open(&path).unwrap()));
+    let _restarted = ServerHandle::start_tcp_listener(Server::new(config).unwrap(), listener).unwrap();
     assert_eq!(reader.join().unwrap().unwrap(), data);
 }
 
 #[test]
 fn a_restarted_server_whose_memory_is_gone_is_an_error_not_zeroes() {
     let volatile = |backend: Arc<Memory>| Export::new("default", backend).volatile();
-    let config = ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext);
+    let port = HeldPort::new();
     let server =
-        ServerHandle::start_tcp(Server::new(config).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = server.local_addr().unwrap();
+        port.serve(ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext));
     let mut options = plain_options(None);
-    options.timeout = Duration::from_secs(5);
+    options.timeout = Duration::from_secs(60);
     let client = RemoteBackend::connect(tcp(&server), options).unwrap();
     assert_ne!(client.info().flags & proto::export_flags::VOLATILE, 0);
     client.write_at(&[7u8; 4096], 0).unwrap();
     server.shutdown().unwrap();
 
     // The same size and chunk size, on the same address: only the instance tells it apart.
-    let config = ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext);
-    let _restarted = ServerHandle::start_tcp(Server::new(config).unwrap(), addr).unwrap();
+    let _restarted =
+        port.serve(ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext));
     let mut buf = [0u8; 4096];
     let err = client.read_at(&mut buf, 0).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
@@ -464,7 +521,12 @@ fn a_restarted_server_whose_memory_is_gone_is_an_error_not_zeroes() {
 
 #[test]
 fn a_server_that_never_comes_back_is_a_timeout() {
-    let server = start(Arc::new(Memory::new(4096)), ServerSecurity::Plaintext, None);
+    // The port stays held: reconnecting is refused until the deadline, whatever else runs.
+    let port = HeldPort::new();
+    let server = port.serve(ServerConfig::new(
+        Export::new("default", Arc::new(Memory::new(4096))),
+        ServerSecurity::Plaintext,
+    ));
     let mut options = plain_options(None);
     options.timeout = Duration::from_millis(500);
     let client = RemoteBackend::connect(tcp(&server), options).unwrap();
@@ -472,16 +534,36 @@ fn a_server_that_never_comes_back_is_a_timeout() {
     let started = Instant::now();
     let err = client.read_at(&mut [0u8; 10], 0).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // The deadline that fired is the one configured here (the default is 30 s), and it was
+    // waited for: the read did not give up at the first refused connection.
+    assert!(err.to_string().contains("within 500ms"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(500), "gave up after {:?}", started.elapsed());
 }
 
 #[test]
 fn a_silent_client_does_not_hold_up_shutdown() {
-    let server = start(Arc::new(Memory::new(4096)), ServerSecurity::Plaintext, None);
-    let silent = TcpStream::connect(server.local_addr().unwrap()).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let started = Instant::now();
-    server.shutdown().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "shutdown waited {:?}", started.elapsed());
-    drop(silent);
+    let pki = pki();
+    let tls = server_tls(pki.server.cert.as_bytes(), pki.server.key.as_bytes(), None).unwrap();
+    // A silent client stalls the TLS handshake on one server, the hello on the other.
+    for (security, options) in [
+        (ServerSecurity::Plaintext, plain_options(None)),
+        (ServerSecurity::Tls(tls), tls_options(pki.ca.pem(), None, None)),
+    ] {
+        let mut config = ServerConfig::new(Export::new("default", Arc::new(Memory::new(4096))), security);
+        // Far longer than the test may run: only shutdown can end the silent client's handshake.
+        config.handshake_timeout = Duration::from_secs(3600);
+        let server = ServerHandle::start_tcp(Server::new(config).unwrap(), any_port()).unwrap();
+        let silent = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        // Connections are accepted in order: once a later client is through its handshake, the
+        // server has taken the silent one and waits for its handshake.
+        let later = RemoteBackend::connect(tcp(&server), options).unwrap();
+        let (done, shut) = mpsc::channel();
+        std::thread::spawn(move || done.send(server.shutdown()));
+        // A watchdog, not a measurement: the handshake would hold shutdown for an hour.
+        match shut.recv_timeout(Duration::from_secs(60)) {
+            Ok(result) => result.unwrap(),
+            Err(_) => panic!("shutdown still waits for the silent client's handshake after 60 s"),
+        }
+        drop((later, silent));
+    }
 }

@@ -3,8 +3,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use r3map_core::{Backend, Memory, conformance};
 use r3map_grpc::proto::mount::backend_client::BackendClient;
@@ -12,7 +12,7 @@ use r3map_grpc::proto::mount::{ReadAtArgs, SyncArgs, WriteAtArgs};
 use r3map_grpc::{DEFAULT_MAX_READ, GrpcBackend, GrpcClientOptions, GrpcExport, GrpcServer};
 use tonic::Code;
 
-use crate::{Served, any_port, http, runtime, shared};
+use crate::{HeldPort, Served, any_port, http, runtime, shared};
 
 #[test]
 fn conformance_with_default_options() {
@@ -83,10 +83,15 @@ fn a_client_that_never_closes_its_connection_delays_shutdown_by_the_grace_period
         raw.sync(SyncArgs {}).await.unwrap();
         raw
     });
-    let started = std::time::Instant::now();
-    server.shutdown().unwrap();
-    let took = started.elapsed();
-    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(5), "shutdown took {took:?}");
+    let started = Instant::now();
+    let (done, shut) = mpsc::channel();
+    std::thread::spawn(move || done.send((server.shutdown(), started.elapsed())));
+    // A watchdog, not a measurement: without the grace period the shutdown would wait forever.
+    let Ok((result, took)) = shut.recv_timeout(Duration::from_secs(60)) else {
+        panic!("the shutdown still waits for the client 60 s into a grace period of 300 ms");
+    };
+    result.unwrap();
+    assert!(took >= Duration::from_millis(250), "shutdown took {took:?}: it did not wait for the client");
 }
 
 #[test]
@@ -250,14 +255,66 @@ fn many_clients_at_once() {
     assert!(all == direct);
 }
 
-/// A memory backend whose writes report that they started, then take a while; flushes are counted.
-struct SlowWrites {
-    inner: Memory,
-    started: Mutex<mpsc::Sender<()>>,
-    flushes: AtomicUsize,
+/// A gate that holds calls until the test opens it, and tells the test how many arrived.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
 }
 
-impl Backend for SlowWrites {
+#[derive(Default)]
+struct GateState {
+    arrived: usize,
+    open: bool,
+}
+
+impl Gate {
+    /// Counts a call and holds it until the gate opens.
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.arrived += 1;
+        self.changed.notify_all();
+        let _open = self.changed.wait_while(state, |s| !s.open).unwrap();
+    }
+
+    /// Waits until `n` calls have arrived (a watchdog fails the test if they do not).
+    fn wait_arrived(&self, n: usize) {
+        let (state, waited) = self
+            .changed
+            .wait_timeout_while(self.state.lock().unwrap(), Duration::from_secs(60), |s| s.arrived < n)
+            .unwrap();
+        assert!(!waited.timed_out(), "{} calls arrived in 60 s, not {n}", state.arrived);
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().open = true;
+        self.changed.notify_all();
+    }
+}
+
+/// A memory backend whose writes wait at a gate; flushes are counted, with the writes done by
+/// then.
+struct HeldWrites {
+    inner: Memory,
+    gate: Gate,
+    written: AtomicUsize,
+    flushes: AtomicUsize,
+    written_at_flush: AtomicUsize,
+}
+
+impl HeldWrites {
+    fn new(size: u64) -> Self {
+        Self {
+            inner: Memory::new(size),
+            gate: Gate::default(),
+            written: AtomicUsize::new(0),
+            flushes: AtomicUsize::new(0),
+            written_at_flush: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Backend for HeldWrites {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -265,11 +322,13 @@ impl Backend for SlowWrites {
         self.inner.read_at(buf, off)
     }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        let _ = self.started.lock().unwrap().send(());
-        std::thread::sleep(Duration::from_millis(300));
-        self.inner.write_at(buf, off)
+        self.gate.pass();
+        self.inner.write_at(buf, off)?;
+        self.written.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     fn flush(&self) -> io::Result<()> {
+        self.written_at_flush.store(self.written.load(Ordering::SeqCst), Ordering::SeqCst);
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -277,24 +336,31 @@ impl Backend for SlowWrites {
 
 #[test]
 fn shutdown_finishes_calls_in_flight_then_flushes() {
-    let (started, write_started) = mpsc::channel();
-    let slow = Arc::new(SlowWrites {
-        inner: Memory::new(1 << 20),
-        started: Mutex::new(started),
-        flushes: AtomicUsize::new(0),
-    });
-    let server = GrpcServer::start(any_port(), GrpcExport::new(slow.clone())).unwrap();
+    let held = Arc::new(HeldWrites::new(1 << 20));
+    // The port stays held after the server closes it: the client's reconnections are refused.
+    let port = HeldPort::new();
+    let server = GrpcServer::start_listener(port.listener(), GrpcExport::new(held.clone())).unwrap();
     let client = GrpcBackend::connect(&http(&server), 1 << 20, GrpcClientOptions::default()).unwrap();
     std::thread::scope(|s| {
         let writer = s.spawn(|| client.write_at(&[5u8; 100], 0));
-        write_started.recv().unwrap();
-        server.shutdown().unwrap();
+        held.gate.wait_arrived(1);
+        let shutdown = s.spawn(move || server.shutdown());
+        // The write is held until the server has told the connection it is on that it goes
+        // away: calls on that connection fail from then on (a new one is refused). A server that
+        // dropped its connections instead has failed the write by then.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client.read_at(&mut [0u8; 1], 0).is_ok() {
+            assert!(Instant::now() < deadline, "the server still answers 60 s after its shutdown began");
+        }
+        held.gate.open();
         writer.join().unwrap().expect("the write in flight completes");
+        shutdown.join().unwrap().unwrap();
     });
     let mut buf = [0u8; 100];
-    slow.inner.read_at(&mut buf, 0).unwrap();
+    held.inner.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [5u8; 100]);
-    assert_eq!(slow.flushes.load(Ordering::SeqCst), 1, "the shutdown flushes once");
+    assert_eq!(held.flushes.load(Ordering::SeqCst), 1, "the shutdown flushes once");
+    assert_eq!(held.written_at_flush.load(Ordering::SeqCst), 1, "the flush comes after the write");
     let err = client.read_at(&mut buf, 0).unwrap_err();
     // Which of the "server gone" errors comes back depends on how far the connection's teardown
     // got when the call is made.
@@ -313,9 +379,11 @@ fn shutdown_finishes_calls_in_flight_then_flushes() {
 
 #[test]
 fn connecting_to_nothing_fails_quickly_with_the_cause() {
-    let port = std::net::TcpListener::bind(any_port()).unwrap().local_addr().unwrap().port();
-    let options = GrpcClientOptions { timeout: Duration::from_secs(5), ..GrpcClientOptions::default() };
-    let err = GrpcBackend::connect(&format!("http://127.0.0.1:{port}"), 1, options).unwrap_err();
+    // Nothing listens on a held port, and nothing can start to.
+    let port = HeldPort::new();
+    // Refused at once: a client that waited for its deadline would fail with TimedOut instead.
+    let options = GrpcClientOptions { timeout: Duration::from_secs(60), ..GrpcClientOptions::default() };
+    let err = GrpcBackend::connect(&format!("http://{}", port.addr), 1, options).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     assert!(err.to_string().starts_with("cannot connect to http://127.0.0.1:"), "{err}");
 }
@@ -334,14 +402,51 @@ fn bad_options_are_refused_before_connecting() {
     assert_eq!(GrpcServer::start(any_port(), export).unwrap_err().kind(), io::ErrorKind::InvalidInput);
 }
 
+/// A memory backend whose reads wait at a gate.
+struct HeldReads {
+    inner: Memory,
+    gate: Gate,
+}
+
+impl Backend for HeldReads {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.gate.pass();
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[test]
 fn calls_time_out() {
-    let slow = Arc::new(r3map_core::Delay::new(Memory::new(4096), Duration::from_secs(2)));
-    let server = GrpcServer::start(any_port(), GrpcExport::new(slow)).unwrap();
+    let held = Arc::new(HeldReads { inner: Memory::new(4096), gate: Gate::default() });
+    let server = GrpcServer::start(any_port(), GrpcExport::new(held.clone())).unwrap();
     let options = GrpcClientOptions { timeout: Duration::from_millis(300), ..GrpcClientOptions::default() };
     let client = GrpcBackend::connect(&http(&server), 4096, options).unwrap();
-    let started = std::time::Instant::now();
-    let err = client.read_at(&mut [0u8; 1], 0).unwrap_err();
+    // The read is held until it returns, so only a deadline can end it. A watchdog opens the
+    // gate 20 s on, far past the 300 ms configured here but before the default 30 s: a client
+    // that ignored its timeout gets its data then, and fails below rather than hanging.
+    let (returned, read_returned) = mpsc::channel::<()>();
+    let watchdog = {
+        let held = Arc::clone(&held);
+        std::thread::spawn(move || {
+            let _ = read_returned.recv_timeout(Duration::from_secs(20));
+            held.gate.open();
+        })
+    };
+    let started = Instant::now();
+    let result = client.read_at(&mut [0u8; 1], 0);
+    let took = started.elapsed();
+    drop(returned);
+    watchdog.join().unwrap();
+    let err = result.expect_err("the read waited for the gate: the timeout did not end it");
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+    assert!(took >= Duration::from_millis(300), "gave up after {took:?}, before the deadline");
 }
