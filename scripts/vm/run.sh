@@ -158,13 +158,17 @@ done < /lib/modules/order
 for t in /tests/*.sh; do
   name=$(basename "$t" .sh)
   echo "R3MAP-VM: START $name"
-  if timeout "$(cat /test-timeout)" sh -e "$t" > "/tmp/$name.log" 2>&1; then
+  # Each test is a session of its own: whatever it leaves running (a failed or timed-out test's
+  # servers) is killed with it, so the next test does not meet its processes or their ports.
+  if timeout "$(cat /test-timeout)" setsid sh -c 'echo $$ > /tmp/test.pgid; exec sh -e "$0"' "$t" \
+    > "/tmp/$name.log" 2>&1; then
     echo "R3MAP-VM: PASS $name"
     [ -e /show-output ] && sed 's/^/    /' "/tmp/$name.log"
   else
     echo "R3MAP-VM: FAIL $name (exit $?); its output:"
     sed 's/^/    /' "/tmp/$name.log" | tail -40
   fi
+  kill -s KILL "-$(cat /tmp/test.pgid)" 2> /dev/null
 done
 echo "R3MAP-VM: DONE"
 poweroff -f

@@ -412,6 +412,16 @@ mod tests {
         open(url, &OpenOptions::default()).unwrap()
     }
 
+    /// An address that refuses connections while the socket returned lives: bound to a port the
+    /// kernel picked, never listening (so nobody else can listen there meanwhile).
+    fn refusing() -> (rustix::fd::OwnedFd, String) {
+        use rustix::net::{AddressFamily, SocketType, bind, getsockname, socket};
+        let socket = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        bind(&socket, &std::net::SocketAddrV4::new([127, 0, 0, 1].into(), 0)).unwrap();
+        let addr = std::net::SocketAddr::try_from(getsockname(&socket).unwrap()).unwrap();
+        (socket, addr.to_string())
+    }
+
     fn url(scheme: &str, path: &Path, query: &str) -> String {
         format!("{scheme}://{}{query}", path.display())
     }
@@ -580,8 +590,9 @@ mod tests {
         let opts = OpenOptions { read_only: false, chunk_size: 4096 };
         let err = format!("{:#}", open("grpc://127.0.0.1:1", &opts).err().unwrap());
         assert!(err.contains("?size=SIZE"), "{err}");
-        let err = format!("{:#}", open("r3map+plain://127.0.0.1:1/default", &opts).err().unwrap());
-        assert!(err.contains("127.0.0.1:1"), "{err}");
+        let (_nobody, addr) = refusing();
+        let err = format!("{:#}", open(&format!("r3map+plain://{addr}/default"), &opts).err().unwrap());
+        assert!(err.contains(&addr), "{err}");
         let err = format!("{:#}", open("r3map://127.0.0.1:1/default", &opts).err().unwrap());
         assert!(err.contains("?ca=PATH"), "{err}");
     }
@@ -596,8 +607,9 @@ mod tests {
         assert!(e.contains("TLS needs the CA") && e.contains("tls-certificates=DIR"), "{e}");
         let e = err("nbd://example.com/disk?tls-certificates=/etc/pki");
         assert!(e.contains("use nbds:// for TLS"), "{e}");
-        let e = err("nbd://127.0.0.1:1/disk");
-        assert!(e.contains("NBD server at 127.0.0.1:1"), "{e}");
+        let (_nobody, addr) = refusing();
+        let e = err(&format!("nbd://{addr}/disk"));
+        assert!(e.contains(&format!("NBD server at {addr}")), "{e}");
         assert!(FORMS.contains("nbd://"));
     }
 

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod map;
 pub mod migrate;
 pub mod mount;
+mod prometheus;
 pub mod ram_dl;
 pub mod serve;
 pub mod units;

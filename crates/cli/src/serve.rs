@@ -157,7 +157,8 @@ pub struct CommonArgs {
     #[arg(long, default_value = "32MiB", value_parser = parse_size, value_name = "SIZE")]
     pub max_request: u64,
     /// Serve Prometheus metrics (`r3map_server_*`: requests, bytes, errors, latency,
-    /// connections) over HTTP on ADDR (HOST:PORT or :PORT), at /metrics.
+    /// connections) over HTTP on ADDR (HOST:PORT or :PORT), at /metrics. Port 0 takes a free
+    /// port; the address bound is printed with the others.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Also serve the Go r3map's gRPC services on ADDR (HOST:PORT or :PORT): the mount service
@@ -446,7 +447,12 @@ async fn serve(
         None => (None, None),
     };
     let metrics = match &config.common.metrics {
-        Some(addr) => Some(install_metrics(addr)?),
+        Some(addr) => {
+            let listener = bind_tcp(addr).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+            let bound = listener.local_addr().context("cannot read the metrics address")?;
+            crate::prometheus::serve(listener)?;
+            Some(bound)
+        }
         None => None,
     };
 
@@ -790,21 +796,6 @@ async fn bind_tcp(addr: &str) -> anyhow::Result<TcpListener> {
     }
     Err(last.map_or_else(|| anyhow!("no address"), anyhow::Error::from))
         .with_context(|| format!("cannot listen on {addr}"))
-}
-
-fn install_metrics(addr: &str) -> anyhow::Result<SocketAddr> {
-    let mut last = None;
-    for a in addresses(addr)? {
-        match metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(a).install() {
-            Ok(()) => {
-                tracing::debug!(%a, "serving metrics");
-                return Ok(a);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.map_or_else(|| anyhow!("no address"), anyhow::Error::from))
-        .with_context(|| format!("cannot serve metrics on {addr}"))
 }
 
 /// The file of a bound Unix socket, removed when this is dropped (when the server stops).

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Proc, free_port, scrape};
+use common::{Proc, Refused, STARTUP, scrape};
 
 const RAM_UL: &str = env!("CARGO_BIN_EXE_ram-ul");
 const RAM_DL: &str = env!("CARGO_BIN_EXE_ram-dl");
@@ -157,7 +157,7 @@ impl Drop for RamDl {
         }
         if self.proc.child.try_wait().ok().flatten().is_none() {
             self.proc.interrupt();
-            let deadline = Instant::now() + Duration::from_secs(20);
+            let deadline = Instant::now() + STARTUP;
             while self.proc.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -177,7 +177,6 @@ fn remote_memory_is_swap_for_a_memory_limited_process_and_ctrl_c_removes_it() {
         return eprintln!("skipped: {why}");
     }
     let dir = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
     let server = Proc::start(
         RAM_UL,
         &[
@@ -190,11 +189,12 @@ fn remote_memory_is_swap_for_a_memory_limited_process_and_ctrl_c_removes_it() {
             "--insecure-plaintext",
             "--mlock",
             "--metrics",
-            &metrics,
+            "127.0.0.1:0",
         ],
         dir.path(),
         &[],
     );
+    let metrics = server.metrics();
     let before = swap_total();
     let mountpoint = dir.path().join("mnt");
     fs::create_dir(&mountpoint).unwrap();
@@ -236,7 +236,7 @@ fn remote_memory_is_swap_for_a_memory_limited_process_and_ctrl_c_removes_it() {
 
     // Ctrl-C: swapoff, then the loop device and the mount go, and ram-dl exits cleanly.
     dl.proc.interrupt();
-    let status = dl.proc.wait(Duration::from_secs(60));
+    let status = dl.proc.wait(STARTUP);
     assert!(status.success(), "ram-dl exited with {status}:\n{}", dl.proc.stderr());
     assert!(!is_swap(&device));
     assert_eq!(swap_total(), before);
@@ -273,9 +273,9 @@ fn an_unreachable_server_is_a_clear_error_and_leaves_no_swap() {
     if let Some(why) = missing() {
         return eprintln!("skipped: {why}");
     }
-    let addr = format!("127.0.0.1:{}", free_port());
-    let stderr = ram_dl_fails(&addr, &[]);
-    assert!(stderr.contains(&format!("cannot reach the server at {addr}")), "{stderr}");
+    let nobody = Refused::new();
+    let stderr = ram_dl_fails(&nobody.addr(), &[]);
+    assert!(stderr.contains(&format!("cannot reach the server at {}", nobody.addr())), "{stderr}");
 }
 
 #[test]

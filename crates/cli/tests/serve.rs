@@ -2,19 +2,18 @@
 //! transport, credentials, metrics, a clean Ctrl-C, and a server killed with SIGKILL mid-transfer.
 
 use std::fs;
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use r3map_core::Backend;
 use r3map_core::Seeder as _;
+use r3map_core::{Backend, Memory};
 use r3map_net::RemoteBackend;
 
 mod common;
-use common::{Proc, STARTUP, free_port, scrape};
+use common::{Gate, Proc, Refused, Relay, STARTUP, Upstream, scrape};
 
 const R3MAP: &str = env!("CARGO_BIN_EXE_r3map");
 const RAM_UL: &str = env!("CARGO_BIN_EXE_ram-ul");
@@ -83,7 +82,7 @@ fn plaintext_round_trip_and_ctrl_c_flushes_and_exits_0() {
     // promptly, after flushing.
     client.write_at(b"last words", 0).unwrap();
     server.interrupt();
-    let status = server.wait(Duration::from_secs(20));
+    let status = server.wait(STARTUP);
     assert!(status.success(), "{status}:\n{}", server.stderr());
     let log = server.stderr();
     assert!(log.contains("SIGINT") && log.contains("backend is flushed"), "{log}");
@@ -93,28 +92,34 @@ fn plaintext_round_trip_and_ctrl_c_flushes_and_exits_0() {
     assert!(file[off..off + data.len()] == data[..]);
 }
 
+/// The first Ctrl-C waits for the requests in flight; a second one, while it waits, exits at once
+/// with 130. The request in flight is a read the server's own storage holds (a gate in this
+/// process) until the test has seen the server exit.
 #[test]
 fn a_second_ctrl_c_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start(dir.path(), Gate::new(Memory::new(1 << 20), 0));
+    // The server's own client of its storage must not give up on the held read meanwhile.
+    let storage = format!("{}&timeout=600", upstream.url);
     let mut server = Proc::start(
         R3MAP,
-        &["serve", "memory:1MiB", "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+        &["serve", &storage, "--insecure-plaintext", "--listen", "127.0.0.1:0"],
         dir.path(),
         &[],
     );
-    // A client that connects and never says hello: the server waits for it when shutting down.
-    let _silent = TcpStream::connect(server.tcp()).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
+    // Its answer never comes: the client is left behind when the test ends.
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let _ = client.read_at(&mut buf, 0);
+    });
+    upstream.gate.wait_held();
     server.interrupt();
-    std::thread::sleep(Duration::from_millis(500));
-    if let Some(status) = server.child.try_wait().unwrap() {
-        // The server no longer waits for silent clients: nothing left to interrupt.
-        assert!(status.success(), "{status}");
-        return;
-    }
+    server.wait_for_log("SIGINT: stopping");
+    assert!(server.child.try_wait().unwrap().is_none(), "the server did not wait for the read in flight");
     server.interrupt();
-    let status = server.wait(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(130), "{status}");
+    let status = server.wait(STARTUP);
+    assert_eq!(status.code(), Some(130), "{status}:\n{}", server.stderr());
     assert!(server.stderr().contains("again: exiting at once"), "{}", server.stderr());
 }
 
@@ -196,7 +201,7 @@ fn unix_socket_round_trip() {
     assert_eq!(client.size(), 2 << 20);
     round_trip(&client, 3);
     server.interrupt();
-    assert!(server.wait(Duration::from_secs(20)).success());
+    assert!(server.wait(STARTUP).success());
     assert!(!socket.exists(), "the socket file was left behind");
 }
 
@@ -264,14 +269,23 @@ fn read_only_and_seeder_exports() {
 #[test]
 fn metrics_are_served_for_prometheus() {
     let dir = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
     let server = Proc::start(
         R3MAP,
-        &["serve", "memory:1MiB", "--insecure-plaintext", "--listen", "127.0.0.1:0", "--metrics", &metrics],
+        &[
+            "serve",
+            "memory:1MiB",
+            "--insecure-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
         dir.path(),
         &[],
     );
-    assert!(server.ready.contains(&format!("metrics at http://{metrics}/metrics")), "{}", server.ready);
+    // The port the kernel picked is the one printed.
+    let metrics = server.metrics();
+    assert!(metrics.starts_with("127.0.0.1:") && !metrics.ends_with(":0"), "{}", server.ready);
     let client = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
     round_trip(&client, 5);
     let response = scrape(&metrics);
@@ -286,19 +300,19 @@ fn metrics_are_served_for_prometheus() {
 }
 
 /// The server dies with SIGKILL while a client reads and rewrites data it wrote and flushed
-/// before; the server comes back on the same port and file, and the client carries on through
-/// its reconnection with every read correct.
+/// before; the server comes back on the same file (at the same address for the client: a relay
+/// in front of it), and the client carries on through its reconnection with every read correct.
 #[test]
 fn sigkill_mid_transfer_loses_nothing_that_was_flushed() {
     const BLOCK: usize = 1 << 20;
     const BLOCKS: u64 = 16;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}?size=64MiB", dir.path().join("x").display());
-    let listen = format!("127.0.0.1:{}", free_port());
-    let args = ["serve", url.as_str(), "--insecure-plaintext", "--listen", listen.as_str()];
+    let args = ["serve", url.as_str(), "--insecure-plaintext", "--listen", "127.0.0.1:0"];
     let mut server = Proc::start(R3MAP, &args, dir.path(), &[]);
+    let relay = Relay::start(&server.tcp());
     let client =
-        Arc::new(RemoteBackend::open(&format!("r3map+plain://{listen}/default?timeout=30")).unwrap());
+        Arc::new(RemoteBackend::open(&format!("r3map+plain://{}/default?timeout=60", relay.addr())).unwrap());
     assert_eq!(client.size(), 64 << 20);
     let block = |i: u64| pattern(100 + i, BLOCK);
     for i in 0..BLOCKS {
@@ -336,18 +350,20 @@ fn sigkill_mid_transfer_loses_nothing_that_was_flushed() {
         })
     };
     // Kill it in the middle of the second round.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + STARTUP;
     while progress.load(Ordering::SeqCst) < BLOCKS + 5 {
         assert!(!worker.is_finished(), "the client stopped early");
         assert!(Instant::now() < deadline, "the client made no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
+    // Until the new server is up, the client's reconnections find nobody (and never a server
+    // that took the old port meanwhile).
+    relay.set_upstream(None);
+    server.kill();
     let at_kill = progress.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(300));
     drop(server);
-    let _server = Proc::start(R3MAP, &args, dir.path(), &[]);
+    let server = Proc::start(R3MAP, &args, dir.path(), &[]);
+    relay.set_upstream(Some(&server.tcp()));
     restarted.store(true, Ordering::SeqCst);
     let done = worker.join().unwrap().unwrap();
     assert!(done >= at_kill + 2 * BLOCKS, "{done} blocks done, {at_kill} at the kill");
@@ -378,13 +394,16 @@ fn ram_ul_serves_memory_of_the_right_size() {
 fn a_client_refuses_a_restarted_ram_ul_whose_storage_started_afresh() {
     let dir = tempfile::tempdir().unwrap();
     let location = dir.path().join("ram").display().to_string();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let args = ["--location", &location, "--size", "1MiB", "--addr", &addr, "--insecure-plaintext"];
+    let args = ["--location", &location, "--size", "1MiB", "--addr", "127.0.0.1:0", "--insecure-plaintext"];
     let server = Proc::start(RAM_UL, &args, dir.path(), &[]);
-    let client = RemoteBackend::open(&format!("r3map+plain://{addr}/default?timeout=10")).unwrap();
+    // The client keeps one address (the relay's) across the restart.
+    let relay = Relay::start(&server.tcp());
+    let client = RemoteBackend::open(&format!("r3map+plain://{}/default?timeout=60", relay.addr())).unwrap();
     client.write_at(&[9u8; 4096], 0).unwrap();
+    relay.set_upstream(None);
     drop(server);
-    let _restarted = Proc::start(RAM_UL, &args, dir.path(), &[]);
+    let restarted = Proc::start(RAM_UL, &args, dir.path(), &[]);
+    relay.set_upstream(Some(&restarted.tcp()));
     let mut buf = [0u8; 4096];
     let e = client.read_at(&mut buf, 0).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
@@ -447,8 +466,6 @@ fn ram_ul_directory_and_file_backends_start_afresh() {
 #[test]
 fn grpc_serves_the_go_services_beside_the_native_protocol() {
     let dir = tempfile::tempdir().unwrap();
-    let grpc_port = free_port().to_string();
-    let grpc_addr = format!("127.0.0.1:{grpc_port}");
     let server = Proc::start(
         R3MAP,
         &[
@@ -459,12 +476,14 @@ fn grpc_serves_the_go_services_beside_the_native_protocol() {
             "--listen",
             "127.0.0.1:0",
             "--grpc",
-            &grpc_addr,
+            "127.0.0.1:0",
         ],
         dir.path(),
         &[],
     );
-    assert!(server.ready.contains("gRPC 127.0.0.1"), "{}", server.ready);
+    let (_, after) = server.ready.split_once("gRPC ").expect("a gRPC address in the ready line");
+    let grpc_addr = after.split(' ').next().unwrap().to_owned();
+    assert!(grpc_addr.starts_with("127.0.0.1:") && !grpc_addr.ends_with(":0"), "{}", server.ready);
     let native = RemoteBackend::open(&format!("r3map+plain://{}/default", server.tcp())).unwrap();
     let endpoint = format!("http://{grpc_addr}");
     let grpc = r3map_grpc::GrpcBackend::connect(&endpoint, 1 << 20, r3map_grpc::GrpcClientOptions::default())
@@ -509,6 +528,11 @@ fn grpc_over_tls_needs_client_certificates() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc needs --tls-client-ca"));
 }
 
+/// A managed mount gets SIGINT while a program writes and fsyncs blocks; whatever was fsynced
+/// reaches the remote, and the mount exits 0. The mount's final flush is held at the remote (a
+/// gate in this process) while the program writes a few more blocks and closes the file, so
+/// those writes race the shutdown, and the file is closed before the mount unmounts, whatever
+/// the timing (the mount would otherwise give up waiting for it and detach lazily).
 #[test]
 fn sigint_during_writes_to_a_mount_loses_no_fsynced_data() {
     if !r3map_fuse::can_mount() {
@@ -517,60 +541,50 @@ fn sigint_during_writes_to_a_mount_loses_no_fsynced_data() {
     }
     const BLOCK: usize = 256 * 1024;
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let url = format!("file://{}?size=16MiB", data.display());
-    let server = Proc::start(
-        R3MAP,
-        &["serve", &url, "--insecure-plaintext", "--listen", "127.0.0.1:0"],
-        dir.path(),
-        &[],
-    );
+    let upstream = Upstream::start(dir.path(), Gate::new(Memory::new(16 << 20), u64::MAX));
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let remote = format!("r3map+plain://{}/default", server.tcp());
     let mnt_arg = mnt.to_str().unwrap();
     let mut mount = Proc::start(
         R3MAP,
-        &["mount", &remote, mnt_arg, "--managed", "--push-interval", "1h"],
+        &["mount", &upstream.url, mnt_arg, "--managed", "--push-interval", "1h"],
         dir.path(),
         &[],
     );
 
-    // Write blocks and fsync each; interrupt the mount in the middle of the writing.
+    // Write blocks and fsync each; interrupt the mount after the 21st.
     let file = fs::OpenOptions::new().read(true).write(true).open(mnt.join("r3map")).unwrap();
-    let mut fsynced = 0;
-    for i in 0..48 {
+    let write = |i: usize| {
         let block = pattern(500 + i as u64, BLOCK);
-        if std::os::unix::fs::FileExt::write_all_at(&file, &block, (i * BLOCK) as u64).is_err() {
-            break;
-        }
-        if file.sync_all().is_err() {
+        std::os::unix::fs::FileExt::write_all_at(&file, &block, (i * BLOCK) as u64)?;
+        file.sync_all()
+    };
+    for i in 0..=20 {
+        write(i).unwrap_or_else(|e| panic!("block {i}: {e}"));
+    }
+    let mut fsynced = 21;
+    upstream.gate.hold_next_flush();
+    mount.interrupt();
+    // The mount is stopping: its flush waits at the remote, and it cannot unmount yet.
+    upstream.gate.wait_held();
+    for i in 21..24 {
+        // Still served, or refused cleanly: either way, not lost once fsynced.
+        if write(i).is_err() {
             break;
         }
         fsynced = i + 1;
-        if i == 20 {
-            mount.interrupt();
-        }
-        // A few writes race the shutdown; then the file is closed, as a program that got its
-        // error would, before the mount gives up waiting for it (and detaches lazily).
-        if i == 23 {
-            break;
-        }
     }
     drop(file);
-    assert!(fsynced > 20, "the first 21 blocks were written and fsynced before the interrupt");
-    assert!(
-        mount.wait(Duration::from_secs(60)).success(),
-        "the mount exits 0 on SIGINT:\n{}",
-        mount.stderr()
-    );
+    upstream.gate.release();
+    assert!(mount.wait(STARTUP).success(), "the mount exits 0 on SIGINT:\n{}", mount.stderr());
 
-    // Everything fsynced is at the server.
-    let client = RemoteBackend::open(&remote).unwrap();
-    let mut back = vec![0u8; BLOCK];
+    // Everything fsynced is at the remote.
+    let remote = upstream.contents();
     for i in 0..fsynced {
-        client.read_at(&mut back, (i * BLOCK) as u64).unwrap();
-        assert!(back == pattern(500 + i as u64, BLOCK), "fsynced block {i} is missing at the server");
+        assert!(
+            remote[i * BLOCK..(i + 1) * BLOCK] == pattern(500 + i as u64, BLOCK),
+            "fsynced block {i} is missing at the remote"
+        );
     }
 }
 
@@ -621,7 +635,6 @@ fn nbd_clients_use_r3map_serve_over_tcp_and_unix() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     let sock = dir.path().join("nbd.sock");
-    let metrics = format!("127.0.0.1:{}", free_port());
     let url = format!("file://{}?size=16MiB", file.display());
     let mut server = Proc::start(
         R3MAP,
@@ -638,11 +651,12 @@ fn nbd_clients_use_r3map_serve_over_tcp_and_unix() {
             "64KiB",
             "--insecure-plaintext",
             "--metrics",
-            &metrics,
+            "127.0.0.1:0",
         ],
         dir.path(),
         &[],
     );
+    let metrics = server.metrics();
     // Only NBD was asked for: no native listener.
     assert!(!server.ready.contains(":1337"), "{}", server.ready);
     let tcp = format!("nbd://{}/disk", nbd_addr(&server.ready));
@@ -664,7 +678,7 @@ fn nbd_clients_use_r3map_serve_over_tcp_and_unix() {
     }
 
     server.interrupt();
-    assert!(server.wait(Duration::from_secs(30)).success(), "{}", server.stderr());
+    assert!(server.wait(STARTUP).success(), "{}", server.stderr());
     let data = fs::read(&file).unwrap();
     assert!(data[1 << 20..3 << 20].iter().all(|&b| b == 0x3c));
     assert!(!sock.exists(), "the NBD socket is removed on exit");
@@ -749,30 +763,39 @@ fn an_nbd_export_is_mounted_through_its_url() {
     file.sync_all().unwrap();
     drop(file);
     mount.interrupt();
-    assert!(mount.wait(Duration::from_secs(60)).success(), "{}", mount.stderr());
+    assert!(mount.wait(STARTUP).success(), "{}", mount.stderr());
 
     let out = run("qemu-io", &["-f", "raw", &url, "-c", "read -P 0x77 4M 4k", "-c", "read -P 0x5a 1M 1M"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("fail"), "{text}");
 }
 
-/// A `redis-server` on a free port, killed when dropped; `None` when it is not installed.
-struct Redis(Child, u16);
+/// A `redis-server` on a Unix socket in `dir` (no TCP port), killed when dropped; `None` when it
+/// is not installed.
+struct Redis {
+    child: Child,
+    socket: std::path::PathBuf,
+}
 
 impl Redis {
     fn start(dir: &Path) -> Option<Self> {
-        let port = free_port();
+        let socket = dir.join("redis.sock");
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", "0", "--unixsocket", socket.to_str().unwrap(), "--unixsocketperm", "700"])
+            .args(["--save", "", "--appendonly", "no"])
             .current_dir(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
-        let redis = Self(child, port);
+        let mut redis = Self { child, socket };
+        // Redis says nothing when it is ready: its socket accepting is the sign.
         let deadline = Instant::now() + STARTUP;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+        while std::os::unix::net::UnixStream::connect(&redis.socket).is_err() {
+            if let Some(status) = redis.child.try_wait().unwrap() {
+                panic!("redis-server exited ({status}) before it was ready");
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start within {STARTUP:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(redis)
@@ -781,8 +804,8 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -792,16 +815,16 @@ fn a_redis_store_is_served_and_outlives_the_server() {
     let Some(redis) = Redis::start(dir.path()) else {
         return println!("skipped: redis-server not installed (scripts/test.sh installs it)");
     };
-    let url = format!("redis://127.0.0.1:{}/0?size=2MiB&prefix=cli:", redis.1);
+    let url = format!("redis+unix://{}?db=0&size=2MiB&prefix=cli:", redis.socket.display());
     let socket = dir.path().join("r3map.sock").display().to_string();
     let mut server = Proc::start(R3MAP, &["serve", &url, "--unix", &socket], dir.path(), &[]);
-    assert!(server.ready.contains("redis://127.0.0.1"), "{}", server.ready);
+    assert!(server.ready.contains(&format!("redis+unix://{}", redis.socket.display())), "{}", server.ready);
     let client = RemoteBackend::open(&format!("r3map+unix:///default?socket={socket}")).unwrap();
     assert_eq!(client.size(), 2 << 20);
     let (off, data) = round_trip(&client, 11);
     drop(client);
     server.interrupt();
-    assert!(server.wait(Duration::from_secs(20)).success());
+    assert!(server.wait(STARTUP).success());
     // The data lives in Redis: a new server of the same URL serves it.
     let mut again = Proc::start(R3MAP, &["serve", &url, "--unix", &socket], dir.path(), &[]);
     let client = RemoteBackend::open(&format!("r3map+unix:///default?socket={socket}")).unwrap();
@@ -810,11 +833,12 @@ fn a_redis_store_is_served_and_outlives_the_server() {
     assert!(back == data, "the second server read other data");
     drop(client);
     again.interrupt();
-    assert!(again.wait(Duration::from_secs(20)).success());
+    assert!(again.wait(STARTUP).success());
     // An unreachable store fails at once, with the URL in the message.
-    let dead = format!("redis://127.0.0.1:{}/0?size=1MiB", free_port());
+    let nobody = Refused::new();
+    let dead = format!("redis://{}/0?size=1MiB", nobody.addr());
     let out = run(R3MAP, &["serve", &dead, "--unix", &socket]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot open the backend") && err.contains("127.0.0.1"), "{err}");
+    assert!(err.contains("cannot open the backend") && err.contains(&nobody.addr()), "{err}");
 }

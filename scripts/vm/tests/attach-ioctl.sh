@@ -3,11 +3,11 @@
 # SIGINT disconnects it; a device another process holds is skipped.
 r3map attach memory:64MiB --interface ioctl --connections 2 --index 6 > /tmp/held.out &
 held=$!
-wait-until 10 grep -q '^attached /dev/nbd6' /tmp/held.out
+wait-until 60 grep -q '^attached /dev/nbd6' /tmp/held.out
 test -e /sys/block/nbd6/pid
 r3map attach memory:64MiB --interface ioctl --connections 2 > /tmp/ioctl.out &
 pid=$!
-wait-until 10 grep -q '^attached /dev/nbd' /tmp/ioctl.out
+wait-until 60 grep -q '^attached /dev/nbd' /tmp/ioctl.out
 cat /tmp/ioctl.out
 dev=$(awk '/^attached/ {print $2}' /tmp/ioctl.out)
 test -b "$dev"

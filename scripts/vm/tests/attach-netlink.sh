@@ -3,7 +3,7 @@
 # disconnects the device and ends the process; `r3map detach` cleans up after a killed process.
 r3map attach memory:128MiB --connections 4 > /tmp/attach.out 2> /tmp/attach.err &
 pid=$!
-wait-until 10 grep -q '^attached /dev/nbd' /tmp/attach.out
+wait-until 60 grep -q '^attached /dev/nbd' /tmp/attach.out
 cat /tmp/attach.out
 dev=$(awk '/^attached/ {print $2}' /tmp/attach.out)
 test -b "$dev"
@@ -29,9 +29,9 @@ test ! -e "/sys/block/$name/pid"
 # A process killed outright leaves its device connected; detach removes it.
 r3map attach memory:8MiB --connections 1 --index 5 > /tmp/attach2.out 2>&1 &
 pid=$!
-wait-until 10 grep -q '^attached /dev/nbd5' /tmp/attach2.out
+wait-until 60 grep -q '^attached /dev/nbd5' /tmp/attach2.out
 test -e /sys/block/nbd5/pid
 kill -KILL "$pid"
 wait "$pid" || true
 r3map detach /dev/nbd5
-wait-until 5 test ! -e /sys/block/nbd5/pid
+wait-until 60 test ! -e /sys/block/nbd5/pid

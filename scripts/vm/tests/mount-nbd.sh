@@ -1,15 +1,16 @@
 # Direct and managed mounts of a remote (an r3map server in the VM) through the NBD frontend,
 # four connections each: data written through the device reaches the remote, and ext4 made on a
 # managed mount is intact when the remote is mounted again directly.
-r3map serve memory:128MiB --unix /tmp/remote.sock > /tmp/serve.log 2>&1 &
+r3map serve memory:128MiB --unix /tmp/remote.sock > /tmp/serve.out 2> /tmp/serve.log &
 server=$!
-wait-until 10 test -S /tmp/remote.sock
+# The ready line comes once the socket listens (its file exists a moment before).
+wait-until 60 grep -q '^serving ' /tmp/serve.out
 remote='r3map+unix:///default?socket=/tmp/remote.sock'
 
 mount_nbd() { # $1: output file; the rest: extra flags
   out=$1; shift
   r3map mount "$remote" --nbd --nbd-connections 4 "$@" > "$out" 2>&1 &
-  wait-until 15 grep -q '^mounted ' "$out"
+  wait-until 60 grep -q '^mounted ' "$out"
   cat "$out"
 }
 device_of() { sed -n 's/^mounted .* at \(\/dev\/nbd[0-9]*\) in .*/\1/p' "$1"; }
