@@ -4,7 +4,6 @@
 use std::io::{self, Read as _, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 use r3map_core::{Backend, Extent, Memory, SharedBackend, conformance};
 use r3map_nbd::server::BlockSizes;
 use r3map_nbd::{NbdAddress, NbdBackend, NbdClientOptions, NbdExport, NbdServer, NbdTls, TlsMode};
+use r3map_testkit::{Daemon, HeldPort};
 use tokio::sync::oneshot;
 
 const MIB: u64 = 1024 * 1024;
@@ -29,8 +29,10 @@ struct Served {
 enum Listen {
     Unix(PathBuf),
     Tcp,
-    /// TCP on 127.0.0.1 at this port.
-    TcpAt(u16),
+    /// A Unix listener the test made (and may keep a clone of).
+    UnixListener(std::os::unix::net::UnixListener),
+    /// A TCP listener the test made (and may keep a clone of).
+    TcpListener(TcpListener),
 }
 
 impl Served {
@@ -50,9 +52,21 @@ impl Served {
                         ready_tx.send(format!("nbd+unix://?socket={}", path.display())).expect("test alive");
                         server.serve_unix(listener, shutdown).await
                     }
-                    Listen::Tcp | Listen::TcpAt(_) => {
-                        let port = if let Listen::TcpAt(port) = listen { port } else { 0 };
-                        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+                    Listen::UnixListener(listener) => {
+                        listener.set_nonblocking(true)?;
+                        let listener = tokio::net::UnixListener::from_std(listener)?;
+                        let path = listener.local_addr()?.as_pathname().expect("a path").to_owned();
+                        ready_tx.send(format!("nbd+unix://?socket={}", path.display())).expect("test alive");
+                        server.serve_unix(listener, shutdown).await
+                    }
+                    Listen::Tcp => {
+                        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+                        ready_tx.send(format!("nbd://{}", listener.local_addr()?)).expect("test alive");
+                        server.serve_tcp(listener, shutdown).await
+                    }
+                    Listen::TcpListener(listener) => {
+                        listener.set_nonblocking(true)?;
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
                         ready_tx.send(format!("nbd://{}", listener.local_addr()?)).expect("test alive");
                         server.serve_tcp(listener, shutdown).await
                     }
@@ -92,87 +106,66 @@ impl Drop for Served {
     }
 }
 
-/// A server program, killed when dropped (also when the test fails).
+/// A server program, killed when dropped (also when the test fails). It is handed its listening
+/// socket (socket activation), so it serves from the moment it starts: no port is picked before
+/// the program binds it, and nothing polls for it to come up.
 struct Peer {
-    child: Child,
+    daemon: Daemon,
     uri_base: String,
     _dir: Option<tempfile::TempDir>,
 }
 
 impl Peer {
-    /// Starts `program args` and waits until `ready` connects.
+    /// Starts `program args` on `listener`.
     fn spawn(
         program: &str,
         args: &[&str],
-        ready: &NbdAddress,
+        listener: impl Into<std::os::fd::OwnedFd>,
         uri_base: String,
         dir: Option<tempfile::TempDir>,
     ) -> Self {
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
-        let mut peer = Self { child, uri_base, _dir: dir };
-        peer.wait_until_listening(ready, program);
-        peer
+        let daemon =
+            Daemon::activated(program, args, listener).unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        Self { daemon, uri_base, _dir: dir }
     }
 
-    fn wait_until_listening(&mut self, address: &NbdAddress, program: &str) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let up = match address {
-                NbdAddress::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
-                NbdAddress::Tcp { host, port } => {
-                    std::net::TcpStream::connect((host.as_str(), *port)).is_ok()
-                }
-            };
-            if up {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{program} exited before listening: {status}");
-            }
-            assert!(Instant::now() < deadline, "{program} did not start listening on {address}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// A Unix socket listening in a fresh directory, and its `nbd+unix://` URI base.
+    fn unix_listener(name: &str) -> (std::os::unix::net::UnixListener, String, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join(name);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("a Unix socket");
+        (listener, format!("nbd+unix://?socket={}", socket.display()), dir)
     }
 
     /// `nbdkit PLUGIN ARGS` on a Unix socket in a fresh directory.
     fn nbdkit_unix(args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("nbdkit.sock");
-        let socket_arg = socket.display().to_string();
-        let mut all = vec!["-f", "--exit-with-parent", "-U", &socket_arg];
+        let (listener, uri_base, dir) = Self::unix_listener("nbdkit.sock");
+        let mut all = vec!["-f", "--exit-with-parent"];
         all.extend_from_slice(args);
-        let uri_base = format!("nbd+unix://?socket={socket_arg}");
-        Self::spawn("nbdkit", &all, &NbdAddress::Unix(socket.clone()), uri_base, Some(dir))
+        Self::spawn("nbdkit", &all, listener, uri_base, Some(dir))
     }
 
-    /// `nbdkit PLUGIN ARGS` on 127.0.0.1 at a free port.
+    /// `nbdkit PLUGIN ARGS` on 127.0.0.1.
     fn nbdkit_tcp(args: &[&str]) -> Self {
-        let port = free_port().to_string();
-        let mut all = vec!["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port];
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a TCP listener");
+        let port = listener.local_addr().expect("its address").port();
+        let mut all = vec!["-f", "--exit-with-parent"];
         all.extend_from_slice(args);
-        let address = NbdAddress::Tcp { host: "127.0.0.1".into(), port: port.parse().expect("port") };
-        Self::spawn("nbdkit", &all, &address, format!("nbd://127.0.0.1:{port}"), None)
+        Self::spawn("nbdkit", &all, listener, format!("nbd://127.0.0.1:{port}"), None)
     }
 
-    /// `nbdkit --tls=require --tls-certificates=DIR [--tls-verify-peer] PLUGIN ARGS` on 127.0.0.1
-    /// at a free port; `uri_base` is `nbds://localhost:PORT`.
+    /// `nbdkit --tls=require --tls-certificates=DIR [--tls-verify-peer] PLUGIN ARGS` on
+    /// 127.0.0.1; `uri_base` is `nbds://localhost:PORT`.
     fn nbdkit_tls(dir: &Path, verify_peer: bool, args: &[&str]) -> Self {
-        let port = free_port().to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a TCP listener");
+        let port = listener.local_addr().expect("its address").port();
         let certificates = format!("--tls-certificates={}", dir.display());
-        let mut all = vec!["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", &port];
-        all.extend_from_slice(&["--tls=require", &certificates]);
+        let mut all = vec!["-f", "--exit-with-parent", "--tls=require", &certificates];
         if verify_peer {
             all.push("--tls-verify-peer");
         }
         all.extend_from_slice(args);
-        let address = NbdAddress::Tcp { host: "127.0.0.1".into(), port: port.parse().expect("port") };
-        Self::spawn("nbdkit", &all, &address, format!("nbds://localhost:{port}"), None)
+        Self::spawn("nbdkit", &all, listener, format!("nbds://localhost:{port}"), None)
     }
 
     fn uri(&self, export: &str, query: &str) -> String {
@@ -180,19 +173,8 @@ impl Peer {
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.kill();
     }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// Whether `tool` is on the PATH; prints the skip notice when it is not.
@@ -407,7 +389,8 @@ fn something_that_is_not_an_nbd_server() {
     talker.join().unwrap();
 
     // Nothing listening at all.
-    let e = NbdBackend::open(&format!("nbd://127.0.0.1:{}/", free_port())).unwrap_err();
+    let held = HeldPort::new();
+    let e = NbdBackend::open(&format!("nbd://127.0.0.1:{}/", held.port())).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
 }
 
@@ -427,26 +410,45 @@ fn a_silent_server_times_out_the_handshake() {
 
 #[test]
 fn requests_wait_through_a_server_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("s");
+    let (listener, _, _dir) = Peer::unix_listener("s");
     let memory = Arc::new(Memory::new(MIB));
-    let mut server = Served::unix(vec![export("disk", memory.clone())], &socket);
+    let serve = |memory: Arc<Memory>| {
+        let server = NbdServer::new(vec![export("disk", memory)]).expect("valid exports");
+        Served::start(server, Listen::UnixListener(listener.try_clone().expect("a clone")))
+    };
+    let mut server = serve(Arc::clone(&memory));
     let client = open(&server.uri("disk", "timeout=20"));
     client.write_at(b"before", 0).unwrap();
     server.stop();
-    let restarted = std::thread::spawn({
-        let memory = memory.clone();
-        let socket = socket.clone();
-        move || {
-            std::thread::sleep(Duration::from_millis(300));
-            Served::unix(vec![export("disk", memory)], &socket)
+    std::thread::scope(|s| {
+        // Sent while nothing serves the socket: answered once a server is back.
+        let requests = s.spawn(|| {
+            let before = read(&client, 0, 6);
+            client.write_at(b"after", 6).unwrap();
+            before
+        });
+        take_a_reconnect_attempt(|| {
+            listener.set_nonblocking(false)?;
+            listener.accept().map(drop)
+        });
+        let _server = serve(Arc::clone(&memory));
+        assert_eq!(requests.join().expect("no panic"), b"before");
+    });
+    assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
+}
+
+/// With the server stopped, takes the client's next connection on the test's own clone of the
+/// server's listener and closes it unanswered: one failed attempt to reconnect, after which the
+/// client must keep trying.
+fn take_a_reconnect_attempt(accept: impl FnOnce() -> io::Result<()> + Send) {
+    std::thread::scope(|s| {
+        let (taken, attempt) = std::sync::mpsc::channel();
+        s.spawn(move || taken.send(accept()));
+        match attempt.recv_timeout(Duration::from_secs(60)) {
+            Ok(accepted) => accepted.expect("accepting the reconnection"),
+            Err(_) => panic!("the client did not try to reconnect in 60 s"),
         }
     });
-    // Sent while the server is down: answered once it is back.
-    assert_eq!(read(&client, 0, 6), b"before");
-    client.write_at(b"after", 6).unwrap();
-    let _server = restarted.join().unwrap();
-    assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
 }
 
 #[test]
@@ -645,26 +647,32 @@ fn nbds_to_a_server_without_tls_fails_clearly() {
 #[test]
 fn requests_wait_through_a_tls_server_restart() {
     let pki = Pki::new();
-    let port = free_port();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let memory = Arc::new(Memory::new(MIB));
-    let start = |memory: Arc<Memory>| {
-        Served::start(pki.server(vec![export("disk", memory)], true), Listen::TcpAt(port))
+    let serve = |memory: Arc<Memory>| {
+        let listen = Listen::TcpListener(listener.try_clone().expect("a clone"));
+        Served::start(pki.server(vec![export("disk", memory)], true), listen)
     };
-    let mut server = start(memory.clone());
+    let mut server = serve(Arc::clone(&memory));
     let client = open(&nbds(&server, "disk", &format!("{}&timeout=20", pki.directory())));
     client.write_at(b"before", 0).unwrap();
     server.stop();
     std::thread::scope(|s| {
-        let restarted = s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            start(memory.clone())
+        // Sent while nothing serves the port: answered once a server is back, over a new TLS
+        // session.
+        let requests = s.spawn(|| {
+            let before = read(&client, 0, 6);
+            client.write_at(b"after", 6).unwrap();
+            before
         });
-        // Sent while the server is down: answered once it is back, over a new TLS session.
-        assert_eq!(read(&client, 0, 6), b"before");
-        client.write_at(b"after", 6).unwrap();
-        let _server = restarted.join().unwrap();
-        assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
+        take_a_reconnect_attempt(|| {
+            listener.set_nonblocking(false)?;
+            listener.accept().map(drop)
+        });
+        let _server = serve(Arc::clone(&memory));
+        assert_eq!(requests.join().expect("no panic"), b"before");
     });
+    assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
 }
 
 #[test]
@@ -864,33 +872,36 @@ fn a_killed_server_fails_requests_within_the_timeout() {
     let mut peer = Peer::nbdkit_unix(&["memory", "16M"]);
     let client = Arc::new(open(&peer.uri("", "timeout=2")));
     client.write_at(&pattern(6, 4096), 0).unwrap();
-    // Readers in flight when the server dies.
+    // Readers in flight when the server dies: each has been answered once before it is killed.
+    let answered = Arc::new(std::sync::Barrier::new(5));
     let readers: Vec<_> = (0..4u64)
         .map(|i| {
-            let client = Arc::clone(&client);
+            let (client, answered) = (Arc::clone(&client), Arc::clone(&answered));
             std::thread::spawn(move || {
-                let started = Instant::now();
-                let mut result = Ok(());
-                while started.elapsed() < Duration::from_secs(10) && result.is_ok() {
-                    result = client.read_at(&mut vec![0u8; 1 << 20], i * (1 << 20));
+                let mut buf = vec![0u8; 1 << 20];
+                let first = client.read_at(&mut buf, i * (1 << 20));
+                answered.wait();
+                first?;
+                loop {
+                    client.read_at(&mut buf, i * (1 << 20))?;
                 }
-                (result, started.elapsed())
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    answered.wait();
     peer.kill();
     let killed = Instant::now();
     for r in readers {
-        let (result, _) = r.join().expect("no panic");
+        let result: io::Result<()> = r.join().expect("no panic");
         let e = result.expect_err("reads fail once the server is gone");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     }
-    assert!(killed.elapsed() < Duration::from_secs(4), "failed within the timeout: {:?}", killed.elapsed());
+    // Within the 2 s timeout, with room for a loaded machine; without it, they would wait forever.
+    assert!(killed.elapsed() < Duration::from_secs(20), "failed within the timeout: {:?}", killed.elapsed());
     // Later requests fail too, within the timeout.
     let started = Instant::now();
     let e = client.write_at(b"x", 0).unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     assert!(e.to_string().contains("last problem"), "the cause is named: {e}");
 }
@@ -907,15 +918,14 @@ fn qemu_nbd_writes_reach_the_file() {
     let file = dir.path().join("disk.raw");
     let size = 16 * MIB;
     std::fs::write(&file, vec![0u8; usize_of(size)]).unwrap();
-    let socket = dir.path().join("qemu.sock");
-    let (socket_arg, file_arg) = (socket.display().to_string(), file.display().to_string());
-    let uri_base = format!("nbd+unix://?socket={socket_arg}");
+    let (listener, uri_base, socket_dir) = Peer::unix_listener("qemu.sock");
+    let file_arg = file.display().to_string();
     let mut peer = Peer::spawn(
         "qemu-nbd",
-        &["-f", "raw", "-k", &socket_arg, "--persistent", &file_arg],
-        &NbdAddress::Unix(socket.clone()),
+        &["-f", "raw", "--persistent", &file_arg],
+        listener,
         uri_base,
-        None,
+        Some(socket_dir),
     );
     let client = open(&peer.uri("", ""));
     assert_eq!(client.size(), size);

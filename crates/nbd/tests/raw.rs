@@ -542,20 +542,70 @@ fn a_server_that_requires_tls_refuses_plaintext_options() {
     assert_eq!(option_reply(&mut s).0.reply, rep::ERR_POLICY);
 }
 
+/// Memory whose reads wait at a gate: a test sees how many have arrived, and opens it.
+struct Gated {
+    inner: std::sync::Arc<r3map_core::Memory>,
+    state: std::sync::Mutex<(usize, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gated {
+    fn new(inner: std::sync::Arc<r3map_core::Memory>) -> Self {
+        Self { inner, state: std::sync::Mutex::new((0, false)), changed: std::sync::Condvar::new() }
+    }
+
+    /// Waits until `n` reads wait at the gate.
+    fn wait_arrived(&self, n: usize) {
+        let state = self.state.lock().unwrap();
+        let (_state, timeout) = self
+            .changed
+            .wait_timeout_while(state, Duration::from_secs(60), |(arrived, _)| *arrived < n)
+            .unwrap();
+        assert!(!timeout.timed_out(), "{n} reads did not arrive in 60 s");
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.changed.notify_all();
+    }
+}
+
+impl Backend for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let mut state = self.state.lock().unwrap();
+        state.0 += 1;
+        self.changed.notify_all();
+        drop(self.changed.wait_while(state, |(_, open)| !*open).unwrap());
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[test]
 fn shutdown_answers_the_requests_in_flight_then_closes() {
-    use r3map_core::Delay;
-    let slow = std::sync::Arc::new(Delay::new(memory(SIZE), Duration::from_secs(1)));
-    slow.write_at(&[6u8; 512], 4096).unwrap();
-    let server = Running::tcp(vec![export("disk", slow)]);
+    let gated = std::sync::Arc::new(Gated::new(memory(SIZE)));
+    gated.write_at(&[6u8; 512], 4096).unwrap();
+    let mut server = Running::tcp(vec![export("disk", gated.clone())]);
     let mut s = connect(server.port);
     go(&mut s, "disk", false);
     for cookie in 1..=4 {
         request(&mut s, Command::Read, cookie, 4096, 512, 0);
     }
-    // Let the server read them (each takes a second to answer), then stop it while they run.
-    std::thread::sleep(Duration::from_millis(300));
-    let stopper = std::thread::spawn(move || server.stop());
+    // All four are running when the server is told to stop; only then do they finish.
+    gated.wait_arrived(4);
+    server.begin_stop();
+    gated.open();
     let mut cookies = Vec::new();
     for _ in 0..4 {
         let reply = simple(&mut s);
@@ -566,7 +616,7 @@ fn shutdown_answers_the_requests_in_flight_then_closes() {
     cookies.sort_unstable();
     assert_eq!(cookies, [1, 2, 3, 4]);
     assert!(closed(&mut s));
-    stopper.join().unwrap().expect("final flush");
+    server.stop().expect("final flush");
 }
 
 /// A kernel-style socket: no handshake, simple replies, as the kernel's NBD client talks once

@@ -80,10 +80,15 @@ impl Running {
         self.shutdown()
     }
 
-    fn shutdown(&mut self) -> io::Result<()> {
+    /// Tells the server to shut down, without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        self.begin_stop();
         match self.thread.take() {
             Some(t) => t.join().expect("the server thread did not panic"),
             None => Ok(()),
