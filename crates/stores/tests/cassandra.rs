@@ -110,11 +110,6 @@ fn stores_with_other_prefixes_do_not_see_each_other() {
     assert_eq!(a.get(&[0, 1]).unwrap(), [None, None]);
 }
 
-/// A port on 127.0.0.1 where nothing listens (bound, then closed).
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn open_err(url: &str) -> (io::Error, Duration) {
     let started = Instant::now();
     let err = CassandraStore::open_str(url).expect_err("the open must fail");
@@ -125,9 +120,11 @@ fn open_err(url: &str) -> (io::Error, Duration) {
 
 #[test]
 fn open_fails_within_seconds_when_nothing_listens() {
-    let port = closed_port();
+    let held = r3map_testkit::HeldPort::new();
+    let port = held.port();
     let (err, took) = open_err(&format!("cassandra://127.0.0.1:{port}"));
-    assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+    // Refused at once: a bound with room for a loaded machine, not a performance goal.
+    assert!(took < Duration::from_secs(20), "took {took:?}: {err}");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
 }
@@ -266,7 +263,7 @@ fn refused_credentials_are_permission_denied() {
     let (err, took) = open_err(&format!("cassandra://cassandra:wrong@127.0.0.1:{}", node.port));
     assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
     assert!(!err.to_string().contains("wrong"), "the password must not show: {err}");
-    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
 }
 
 #[test]
@@ -280,7 +277,7 @@ fn missing_credentials_are_permission_denied() {
 fn a_node_that_never_answers_times_out() {
     let node = FakeNode::start(Behaviour::Silent);
     let (err, took) = open_err(&format!("cassandra://127.0.0.1:{}", node.port));
-    assert!(took < OPEN_TIMEOUT + Duration::from_secs(3), "took {took:?}: {err}");
+    assert!(took < OPEN_TIMEOUT + Duration::from_secs(20), "took {took:?}: {err}");
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     assert!(err.to_string().contains(&format!("127.0.0.1:{}", node.port)), "{err}");
 }

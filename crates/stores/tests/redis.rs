@@ -1,13 +1,13 @@
-//! The Redis store against a real `redis-server`, started by each test on a free loopback port
-//! (or a Unix socket) and killed when the test ends, also when it panics.
+//! The Redis store against a real `redis-server`, started by each test on a loopback port it
+//! holds (or a Unix socket), ready once it says so, and killed when the test ends, also when it
+//! panics.
 
 #![cfg(feature = "redis")]
 
 use std::io;
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use r3map_core::{Backend, SharedBackend, conformance};
 use r3map_stores::redis::RedisStore;
 use r3map_stores::{ChunkStore, Stored, StoredOptions};
+use r3map_testkit::{Daemon, HeldPort};
 use url::Url;
 
 const PROGRAM: &str = "redis-server";
@@ -33,16 +34,12 @@ macro_rules! require_server {
     };
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A `redis-server` child process, killed on drop.
 struct Server {
-    child: Child,
+    daemon: Daemon,
     dir: tempfile::TempDir,
     /// `None` for a server on a Unix socket only.
-    port: Option<u16>,
+    port: Option<HeldPort>,
     /// The port is a TLS port.
     tls: bool,
     extra: Vec<String>,
@@ -52,12 +49,10 @@ impl Server {
     /// A server on a free loopback port, with `extra` arguments (`--requirepass X`).
     fn start(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = HeldPort::new();
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let child = spawn(Some(port), false, dir.path(), &extra);
-        let server = Self { child, dir, port: Some(port), tls: false, extra };
-        server.wait_ready();
-        server
+        let daemon = spawn(Some(port.port()), false, dir.path(), &extra);
+        Self { daemon, dir, port: Some(port), tls: false, extra }
     }
 
     /// A server on a free loopback TLS port (and no plain one), with the certificate of
@@ -100,7 +95,7 @@ impl Server {
         if !made {
             return None;
         }
-        let port = free_port();
+        let port = HeldPort::new();
         let extra: Vec<String> =
             ["--tls-cert-file", "srv.pem", "--tls-key-file", "srv.key", "--tls-ca-cert-file", "ca.pem"]
                 .iter()
@@ -113,10 +108,8 @@ impl Server {
                 })
                 .chain(["--tls-auth-clients".to_owned(), "no".to_owned()])
                 .collect();
-        let child = spawn(Some(port), true, dir.path(), &extra);
-        let server = Self { child, dir, port: Some(port), tls: true, extra };
-        server.wait_ready();
-        Some(server)
+        let daemon = spawn(Some(port.port()), true, dir.path(), &extra);
+        Some(Self { daemon, dir, port: Some(port), tls: true, extra })
     }
 
     /// A server on a Unix socket in its directory, with no TCP port.
@@ -124,10 +117,8 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("redis.sock");
         let extra = vec!["--unixsocket".to_owned(), socket.display().to_string()];
-        let child = spawn(None, false, dir.path(), &extra);
-        let server = Self { child, dir, port: None, tls: false, extra };
-        server.wait_ready();
-        server
+        let daemon = spawn(None, false, dir.path(), &extra);
+        Self { daemon, dir, port: None, tls: false, extra }
     }
 
     fn socket(&self) -> PathBuf {
@@ -135,7 +126,7 @@ impl Server {
     }
 
     fn port(&self) -> u16 {
-        self.port.expect("a TCP server")
+        self.port.as_ref().expect("a TCP server").port()
     }
 
     /// `redis://127.0.0.1:PORT/?QUERY`.
@@ -146,66 +137,39 @@ impl Server {
     /// A plain connection of our own, to look at or plant keys behind the store's back.
     fn raw(&self, password: Option<&str>) -> redis::Connection {
         let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
-        let url = match self.port {
-            Some(port) => format!("redis://{auth}127.0.0.1:{port}/"),
+        let url = match &self.port {
+            Some(port) => format!("redis://{auth}127.0.0.1:{}/", port.port()),
             None => format!("redis+unix://{}", self.socket().display()),
         };
         redis::Client::open(url).unwrap().get_connection().unwrap()
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.kill();
     }
 
     /// Kills the server and starts a new, empty one on the same port.
     fn restart(&mut self) {
         self.kill();
-        self.child = spawn(self.port, self.tls, self.dir.path(), &self.extra);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let up = match self.port {
-                Some(port) => TcpStream::connect(("127.0.0.1", port)).is_ok(),
-                None => UnixStream::connect(self.socket()).is_ok(),
-            };
-            if up {
-                return;
-            }
-            let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-            assert!(Instant::now() < deadline, "{PROGRAM} did not come up:\n{log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.port.as_ref().map(HeldPort::port);
+        self.daemon = spawn(port, self.tls, self.dir.path(), &self.extra);
     }
 }
 
-/// Starts `redis-server` on `port` (a TLS port if `tls`; none for `None`).
-fn spawn(port: Option<u16>, tls: bool, dir: &Path, extra: &[String]) -> Child {
+/// Starts `redis-server` on `port` (a TLS port if `tls`; none for `None`), logging to standard
+/// output, and returns once it is ready to accept connections.
+fn spawn(port: Option<u16>, tls: bool, dir: &Path, extra: &[String]) -> Daemon {
     let port = port.unwrap_or(0).to_string();
     let (plain, tls_port) = if tls { ("0", port.as_str()) } else { (port.as_str(), "0") };
-    let log = dir.join("redis.log");
-    Command::new(PROGRAM)
+    let mut command = Command::new(PROGRAM);
+    command
         .args(["--port", plain, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(if tls { vec!["--tls-port", tls_port] } else { vec![] })
         .arg("--dir")
         .arg(dir)
-        .arg("--logfile")
-        .arg(&log)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
+        .args(extra);
+    // "Ready to accept connections tcp", or "... now ready to accept connections at PATH".
+    Daemon::start(command, "eady to accept connections").expect("starting redis-server")
 }
 
 fn backend(store: RedisStore, size: u64, chunk_size: u64, max_batch: usize) -> Stored<RedisStore> {
@@ -333,13 +297,15 @@ fn a_key_of_another_type_reads_as_a_chunk_never_written() {
 
 #[test]
 fn an_unreachable_server_fails_at_open_within_seconds() {
-    let port = free_port();
+    let held = HeldPort::new();
+    let port = held.port();
     let url = Url::parse(&format!("redis://127.0.0.1:{port}/?connect-timeout=2")).unwrap();
     let start = Instant::now();
 
     let err = RedisStore::open(&url).unwrap_err();
 
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    // Refused at once; a bound far above the 2 s timeout, for a loaded machine.
+    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
 }
@@ -354,7 +320,7 @@ fn a_server_that_never_answers_is_timed_out_not_waited_for() {
 
     let err = RedisStore::open(&url).unwrap_err();
 
-    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
 }
 
@@ -389,7 +355,7 @@ fn a_restarted_server_is_reconnected_to() {
     server.kill();
     let start = Instant::now();
     assert!(b.read_at(&mut [0u8; 10], 0).is_err(), "the server is gone");
-    assert!(start.elapsed() < Duration::from_secs(10), "a call while down took {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(30), "a call while down took {:?}", start.elapsed());
     server.restart();
 
     b.write_at(&[2u8; 4096], 4096).unwrap();
@@ -490,7 +456,7 @@ fn tls_with_a_ca_of_our_own() {
     let url = Url::parse(&format!("rediss://localhost:{port}/?connect-timeout=2")).unwrap();
     let start = Instant::now();
     let err = RedisStore::open(&url).unwrap_err();
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(20), "took {:?}", start.elapsed());
     assert!(err.to_string().contains(&format!("localhost:{port}")), "{err}");
     // Nor does plain Redis get through to a TLS port.
     let plain = Url::parse(&format!("redis://127.0.0.1:{port}/?timeout=1&connect-timeout=1")).unwrap();

@@ -18,7 +18,7 @@ use std::io::{self, BufRead as _, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt as _, FdMapping};
@@ -158,7 +158,7 @@ impl Daemon {
         let name = command.get_program().to_string_lossy().into_owned();
         let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let output = Arc::new(Output::default());
-        output.state.lock().expect("output lock").open = 2;
+        output.lock().open = 2;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         collect(stdout, Arc::clone(&output));
@@ -192,14 +192,21 @@ impl Daemon {
                 return line.clone();
             }
             let now = Instant::now();
-            assert!(
-                state.open > 0 && now < deadline,
-                "{} {} before printing {count} lines with {pattern:?}; it printed:\n{}",
-                self.name,
-                if state.open == 0 { "ended" } else { "waited too long" },
-                state.lines.join("\n")
-            );
-            state = self.output.changed.wait_timeout(state, deadline - now).expect("output lock").0;
+            if state.open == 0 || now >= deadline {
+                let printed = state.lines.join("\n");
+                let why = if state.open == 0 { "ended" } else { "waited too long" };
+                drop(state);
+                panic!(
+                    "{} {why} before printing {count} lines with {pattern:?}; it printed:\n{printed}",
+                    self.name
+                );
+            }
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -230,7 +237,7 @@ impl Drop for Daemon {
 
 impl Output {
     fn lock(&self) -> MutexGuard<'_, OutputState> {
-        self.state.lock().expect("output lock")
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
