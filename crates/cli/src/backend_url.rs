@@ -85,7 +85,7 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        Self { read_only: false, chunk_size: 64 * 1024 }
+        Self { read_only: false, chunk_size: r3map_core::pipeline::synced::DEFAULT_CHUNK_SIZE }
     }
 }
 

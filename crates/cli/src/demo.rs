@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use r3map_core::Managed;
 use r3map_core::backend::Backend;
 use r3map_core::backends::Memory;
 use r3map_core::layers::Delay;
-use r3map_core::pipeline::puller::{Puller, PullerOptions};
-use r3map_core::pipeline::pusher::{Pusher, PusherOptions};
-use r3map_core::pipeline::synced::{Synced, SyncedOptions, SyncedStats};
+use r3map_core::pipeline::puller::PullerOptions;
+use r3map_core::pipeline::pusher::PusherOptions;
+use r3map_core::pipeline::synced::{SyncedOptions, SyncedStats};
 use r3map_mount::{Hooks, ManagedOptions, Mount, MountOptions};
 use r3map_net::client::Address;
 use r3map_net::{
@@ -210,21 +211,21 @@ fn run_pipeline(args: &Args) -> anyhow::Result<()> {
     let remote_memory = Arc::new(Memory::from_bytes(&model));
     let remote = Arc::new(Delay::new(remote_memory.clone(), args.latency));
     let local = Arc::new(Memory::new(args.size));
-    let opts = SyncedOptions { chunk_size: args.chunk_size, ..SyncedOptions::default() };
-    let synced = Arc::new(Synced::new(remote, local, opts).context("building the managed stack")?);
+    let options = r3map_core::ManagedOptions {
+        synced: SyncedOptions { chunk_size: args.chunk_size, ..SyncedOptions::default() },
+        pull: Some(PullerOptions {
+            depth: args.pull_depth,
+            request_size: args.pull_request,
+            ..PullerOptions::default()
+        }),
+        push: Some(PusherOptions { interval: args.push_interval, ..PusherOptions::default() }),
+    };
 
     let started = Instant::now();
-    let puller = Puller::start(
-        Arc::clone(&synced),
-        PullerOptions { depth: args.pull_depth, request_size: args.pull_request, ..PullerOptions::default() },
-    )
-    .context("starting the background pull")?;
-    let pusher = Pusher::start(
-        Arc::clone(&synced),
-        PusherOptions { interval: args.push_interval, ..PusherOptions::default() },
-    )
-    .context("starting the background push")?;
-    let (reads, writes) = run_app(&pusher, &mut model, args, || {
+    let managed = Managed::start(remote, local, options).context("building the managed stack")?;
+    let puller = managed.puller().context("the background pull")?;
+    let backend = managed.backend();
+    let (reads, writes) = run_app(backend.as_ref(), &mut model, args, || {
         let p = puller.progress();
         format!("pulled {}/{} chunks", p.local_chunks, p.chunks)
     })?;
@@ -232,12 +233,12 @@ fn run_pipeline(args: &Args) -> anyhow::Result<()> {
         "application: {reads} reads and {writes} writes in {:.2?}, every read checked",
         started.elapsed()
     );
-    pusher.flush().context("pushing the last writes")?;
+    backend.flush().context("pushing the last writes")?;
     puller.wait().context("finishing the background pull")?;
     let pull = puller.progress();
-    let stats = synced.stats();
-    pusher.close().context("closing the background push")?;
-    puller.close();
+    let stats = managed.synced().stats();
+    drop(backend);
+    managed.close().context("closing the background push")?;
     report(&stats, started.elapsed());
     println!(
         "         {} chunks pulled in the background, {} on demand",

@@ -30,5 +30,5 @@ pub use backend::{Backend, Capabilities, Extent, SharedBackend, check_range, flu
 pub use backends::{Dir, File, Memory};
 pub use geometry::{Chunk, Geometry};
 pub use layers::{Aligned, Chunked, Delay, FaultInject, Locked, Tracked};
-pub use pipeline::{Puller, Pusher, Synced};
+pub use pipeline::{Managed, ManagedOptions, Puller, Pusher, Synced};
 pub use seeder::Seeder;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use r3map_core::pipeline::puller::{PullProgress, PullerOptions};
 use r3map_core::pipeline::synced::{ChunkHook, SyncedOptions};
-use r3map_core::{Backend, Chunk, Locked, Puller, Seeder, SharedBackend, Synced};
+use r3map_core::{Backend, Chunk, Locked, Managed, ManagedOptions, Puller, Seeder, SharedBackend, Synced};
 
 /// A migration source as the destination reaches it: its data and its seeder operations
 /// (`r3map_net::RemoteBackend` is one).
@@ -90,7 +90,8 @@ pub struct Finalized {
 pub struct Leecher {
     remote: Arc<dyn Seeder>,
     synced: Arc<Synced>,
-    puller: Option<Puller>,
+    /// The pull, unfinalized until [`Leecher::finalize`]; nothing is pushed.
+    managed: Managed,
     frontend: Arc<Locked<Arc<Synced>>>,
     options: Rounds,
     hooks: LeecherHooks,
@@ -150,20 +151,14 @@ impl Leecher {
             on_chunk_local: hooks.on_chunk_local.clone(),
             ..SyncedOptions::default()
         };
-        let synced = Arc::new(Synced::new(data, local, synced_options)?);
         let LeecherOptions { puller, max_rounds, target_dirty, poll } = options;
-        let puller = Puller::start(Arc::clone(&synced), PullerOptions { finalized: false, ..puller })?;
+        let pull = Some(PullerOptions { finalized: false, ..puller });
+        let managed =
+            Managed::start(data, local, ManagedOptions { synced: synced_options, pull, push: None })?;
+        let synced = Arc::clone(managed.synced());
         let options = Rounds { max_rounds, target_dirty, poll };
         let frontend = Arc::new(Locked::new(Arc::clone(&synced), true));
-        Ok(Self {
-            remote,
-            synced,
-            puller: Some(puller),
-            frontend,
-            options,
-            hooks,
-            finalized: Mutex::new(false),
-        })
+        Ok(Self { remote, synced, managed, frontend, options, hooks, finalized: Mutex::new(false) })
     }
 
     /// The destination's view of the resource: blocked until [`Leecher::finalize`].
@@ -179,7 +174,7 @@ impl Leecher {
     }
 
     fn puller(&self) -> &Puller {
-        self.puller.as_ref().expect("the puller lives as long as the leecher")
+        self.managed.puller().expect("the pull lives until the leecher is closed")
     }
 
     /// Waits until every chunk is local (the pre-copy has caught up with the source).
@@ -325,9 +320,7 @@ impl Leecher {
                 "the migration is not finished: finalize and wait for the pull first",
             ));
         }
-        if let Some(p) = self.puller.take() {
-            p.close();
-        }
+        self.managed.stop_pull();
         self.remote.close()?;
         Ok(Arc::clone(self.synced.local()))
     }

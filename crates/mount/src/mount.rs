@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use r3map_core::pipeline::puller::{ByPriority, PullProgress, PullerOptions};
 use r3map_core::pipeline::pusher::{PushProgress, PusherOptions};
 use r3map_core::pipeline::synced::{ChunkHook, DEFAULT_CHUNK_SIZE, SyncedOptions};
-use r3map_core::{Backend, Chunk, Puller, Pusher, SharedBackend, Synced};
+use r3map_core::{Backend, Chunk, Managed, Puller, SharedBackend, Synced};
 use r3map_fuse::{FuseMount, FuseOptions};
 use r3map_nbd::kernel::{KernelDevice, KernelOptions};
 use r3map_nbd::{NbdExport, NbdServer};
@@ -124,13 +124,6 @@ impl fmt::Debug for Hooks {
     }
 }
 
-/// The managed part of a mount.
-struct Managed {
-    synced: Arc<Synced>,
-    puller: Option<Puller>,
-    pusher: Option<Arc<Pusher>>,
-}
-
 /// A mounted backend. See the crate docs.
 pub struct Mount {
     fuse: Option<FuseMount>,
@@ -185,58 +178,38 @@ impl Mount {
         hooks: Hooks,
     ) -> io::Result<Self> {
         let started = Instant::now();
-        let synced = Arc::new(Synced::new(
-            remote,
-            local,
-            SyncedOptions {
-                chunk_size: managed.chunk_size,
-                max_request: managed.pull_request.max(managed.chunk_size),
-                on_chunk_local: hooks.on_chunk_local.clone(),
-            },
-        )?);
-        let puller = if managed.pull {
-            let chunks = synced.geometry().chunks();
+        let synced = SyncedOptions {
+            chunk_size: managed.chunk_size,
+            max_request: managed.pull_request.max(managed.chunk_size),
+            on_chunk_local: hooks.on_chunk_local.clone(),
+        };
+        let pull = managed.pull.then(|| {
+            let chunks = remote.size().div_ceil(managed.chunk_size.max(1));
             let order = managed.pull_priority.map(|p| {
                 Box::new(ByPriority::new(chunks, p)) as Box<dyn r3map_core::pipeline::puller::PullOrder>
             });
-            Some(Puller::start(
-                Arc::clone(&synced),
-                PullerOptions {
-                    depth: managed.pull_depth,
-                    request_size: managed.pull_request,
-                    order,
-                    // One request in flight while the frontend is set up: the pull starts at
-                    // once without taking the CPU the mount needs (see `Mount::start`).
-                    initial_depth: (!managed.pull_first).then_some(1),
-                    ..PullerOptions::default()
-                },
-            )?)
-        } else {
-            None
-        };
-        if managed.pull_first
-            && let Some(p) = &puller
-        {
+            PullerOptions {
+                depth: managed.pull_depth,
+                request_size: managed.pull_request,
+                order,
+                // One request in flight while the frontend is set up: the pull starts at once
+                // without taking the CPU the mount needs (see `Mount::start`).
+                initial_depth: (!managed.pull_first).then_some(1),
+                ..PullerOptions::default()
+            }
+        });
+        let push = managed.push.then(|| PusherOptions {
+            interval: managed.push_interval,
+            depth: managed.push_depth,
+            request_size: managed.push_request,
+            ..PusherOptions::default()
+        });
+        let pull_first = managed.pull_first;
+        let managed = Managed::start(remote, local, r3map_core::ManagedOptions { synced, pull, push })?;
+        if pull_first && let Some(p) = managed.puller() {
             p.wait()?;
         }
-        let pusher = if managed.push {
-            Some(Arc::new(Pusher::start(
-                Arc::clone(&synced),
-                PusherOptions {
-                    interval: managed.push_interval,
-                    depth: managed.push_depth,
-                    request_size: managed.push_request,
-                    ..PusherOptions::default()
-                },
-            )?))
-        } else {
-            None
-        };
-        let served: SharedBackend = match &pusher {
-            Some(p) => Arc::clone(p) as SharedBackend,
-            None => Arc::clone(&synced) as SharedBackend,
-        };
-        let managed = Managed { synced, puller, pusher };
+        let served = managed.backend();
         Self::start(served, Some(managed), mountpoint, options, hooks, started)
     }
 
@@ -258,7 +231,7 @@ impl Mount {
         fuse_options.direct_io.get_or_insert(managed.is_some());
         let read_only = fuse_options.read_only || served.capabilities().read_only;
         let fuse = FuseMount::mount(Arc::clone(&served), mountpoint, fuse_options)?;
-        if let Some(puller) = managed.as_ref().and_then(|m| m.puller.as_ref()) {
+        if let Some(puller) = managed.as_ref().and_then(Managed::puller) {
             puller.set_depth(usize::MAX);
         }
         let loop_device = if options.loop_device {
@@ -293,7 +266,7 @@ impl Mount {
         let server = NbdServer::new(vec![NbdExport::new("mount", Arc::clone(&served))])
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let device = KernelDevice::attach(&server, "mount", options)?;
-        if let Some(puller) = managed.as_ref().and_then(|m| m.puller.as_ref()) {
+        if let Some(puller) = managed.as_ref().and_then(Managed::puller) {
             puller.set_depth(usize::MAX);
         }
         Ok(Self {
@@ -394,13 +367,13 @@ impl Mount {
     pub fn progress(&self) -> Option<(Option<PullProgress>, Option<PushProgress>)> {
         self.managed
             .as_ref()
-            .map(|m| (m.puller.as_ref().map(Puller::progress), m.pusher.as_ref().map(|p| p.progress())))
+            .map(|m| (m.puller().map(Puller::progress), m.pusher().map(r3map_core::Pusher::progress)))
     }
 
     /// The managed mount's chunk state.
     #[must_use]
     pub fn synced(&self) -> Option<&Arc<Synced>> {
-        self.managed.as_ref().map(|m| &m.synced)
+        self.managed.as_ref().map(Managed::synced)
     }
 
     /// Blocks until the background pull is done (everything local).
@@ -408,7 +381,7 @@ impl Mount {
     /// # Errors
     /// The error that made the pull give up; `Unsupported` for a direct mount or without pull.
     pub fn wait_pulled(&self) -> io::Result<()> {
-        match self.managed.as_ref().and_then(|m| m.puller.as_ref()) {
+        match self.managed.as_ref().and_then(Managed::puller) {
             Some(p) => p.wait(),
             None => Err(io::Error::new(io::ErrorKind::Unsupported, "this mount has no background pull")),
         }
@@ -472,15 +445,7 @@ impl Mount {
             keep(fuse.unmount());
         }
         if let Some(m) = self.managed.take() {
-            if let Some(p) = m.puller {
-                p.close();
-            }
-            if let Some(p) = m.pusher {
-                match Arc::try_unwrap(p) {
-                    Ok(p) => keep(p.close()),
-                    Err(p) => keep(p.flush()),
-                }
-            }
+            keep(m.close());
         }
         result
     }

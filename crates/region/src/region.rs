@@ -60,7 +60,7 @@ pub struct RegionOptions {
 impl Default for RegionOptions {
     fn default() -> Self {
         Self {
-            chunk_size: 64 * 1024,
+            chunk_size: r3map_core::pipeline::synced::DEFAULT_CHUNK_SIZE,
             handler_threads: 2,
             spin: Duration::from_micros(50),
             pull: Some(PullerOptions { request_size: 4 * 1024 * 1024, ..PullerOptions::default() }),

@@ -1,10 +1,12 @@
 //! The chunk pipeline: lazy copy-on-read ([`Synced`]), background pull ([`Puller`]) and
-//! background write-back ([`Pusher`]).
+//! background write-back ([`Pusher`]), and the stack of all three ([`Managed`]).
 
+pub mod managed;
 pub mod puller;
 pub mod pusher;
 pub mod synced;
 
+pub use managed::{Managed, ManagedOptions};
 pub use puller::Puller;
 pub use pusher::Pusher;
 pub use synced::Synced;
