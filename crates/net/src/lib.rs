@@ -17,6 +17,8 @@
 //! - [`client`]: [`RemoteBackend`] with reconnection, and its [`Address`] URLs.
 //! - [`pool`]: reusable payload buffers.
 //! - [`certs`]: a private CA and the certificates it signs, for mutual TLS.
+//! - [`runtime`]: [`Io`], the runtime async work runs on (the caller's, or one shared by the
+//!   process), and the bridge from blocking code to it.
 
 pub mod certs;
 pub mod client;
@@ -24,9 +26,11 @@ pub mod errno;
 mod frame_io;
 pub mod pool;
 pub mod proto;
+pub mod runtime;
 pub mod security;
 pub mod server;
 
 pub use client::{Address, ClientOptions, RemoteBackend};
+pub use runtime::Io;
 pub use security::{ClientSecurity, ServerSecurity, client_tls, server_tls};
 pub use server::{Export, Server, ServerConfig, ServerHandle};

@@ -19,8 +19,9 @@
 //! insert and delete statements once. The row of chunk `i` has the key `{prefix}{i}`. A batch runs
 //! its statements concurrently, up to [`IN_FLIGHT`] at a time, on the sessions' connections.
 //!
-//! The API is blocking, like every [`ChunkStore`]: the store runs its own tokio runtime, so it
-//! must not be called from inside an async task (use `spawn_blocking`). The driver reconnects to
+//! The API is blocking, like every [`ChunkStore`]: the statements run on the runtime of the
+//! [`Io`] the store is opened on ([`Io::shared`] unless the caller gives its own), so it may be
+//! called from any thread, a tokio worker included. The driver reconnects to
 //! a node that went away in the background; a call made while no node answers fails at once
 //! or after [`REQUEST_TIMEOUT`], and the next call after a node is back works.
 
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt, stream};
+use r3map_net::Io;
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -422,29 +424,21 @@ struct Shared {
     select: PreparedStatement,
     insert: PreparedStatement,
     delete: PreparedStatement,
-    runtime: Option<tokio::runtime::Runtime>,
+    io: Io,
 }
 
 impl Shared {
-    fn block_on<F: Future>(&self, f: F) -> F::Output {
-        self.runtime.as_ref().expect("the runtime lives as long as the store").block_on(f)
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                rt.shutdown_background();
-            } else {
-                rt.shutdown_timeout(Duration::from_millis(500));
-            }
-        }
+    fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        self.io.block_on(f)
     }
 }
 
 /// A [`ChunkStore`] of one row per chunk in a Cassandra or ScyllaDB table; see the
-/// [module documentation](self). Blocking: do not call it from inside an async task.
+/// [module documentation](self).
 pub struct CassandraStore {
     config: CassandraConfig,
     shared: Arc<Shared>,
@@ -481,12 +475,15 @@ impl CassandraStore {
     /// refuses the credentials (`PermissionDenied`); the schema cannot be created or the
     /// statements prepared (an existing table of other columns, say).
     pub fn connect(config: CassandraConfig) -> io::Result<Self> {
+        Self::connect_on(config, Io::shared())
+    }
+
+    /// As [`connect`](Self::connect), running the store's statements on `io`.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub fn connect_on(config: CassandraConfig, io: Io) -> io::Result<Self> {
         let at = config.describe();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-cassandra")
-            .enable_all()
-            .build()?;
         let profile = ExecutionProfile::builder().request_timeout(Some(REQUEST_TIMEOUT)).build();
         let mut builder = SessionBuilder::new()
             .known_nodes(config.nodes.iter().map(ToString::to_string))
@@ -501,7 +498,7 @@ impl CassandraStore {
         if let Some(ca) = &config.ca {
             builder = builder.tls_context(Some(tls_config(ca)?));
         }
-        let session = runtime
+        let session = io
             .block_on(async { tokio::time::timeout(OPEN_TIMEOUT, builder.build()).await })
             .map_err(|_| {
                 io::Error::new(
@@ -522,7 +519,7 @@ impl CassandraStore {
             })?;
 
         let text = statements(&config.keyspace, &config.table, config.replication);
-        let (select, insert, delete) = runtime.block_on(async {
+        let (select, insert, delete) = io.block_on(async {
             for (what, statement) in
                 [("the keyspace", &text.create_keyspace), ("the table", &text.create_table)]
             {
@@ -556,10 +553,7 @@ impl CassandraStore {
             };
             Ok((prepare(&text.select).await?, prepare(&text.insert).await?, prepare(&text.delete).await?))
         })?;
-        Ok(Self {
-            config,
-            shared: Arc::new(Shared { session, select, insert, delete, runtime: Some(runtime) }),
-        })
+        Ok(Self { config, shared: Arc::new(Shared { session, select, insert, delete, io }) })
     }
 
     /// A store on the same session and table whose rows have another key prefix (another

@@ -14,9 +14,9 @@
 //! (one connection attempt) override [`RedisOptions`]. The parameters `size`, `chunk-size` and
 //! `max-batch` belong to the caller and are ignored here; any other is an error.
 //!
-//! The API is blocking, like every [`ChunkStore`]; inside, the commands run on the store's own
-//! tokio runtime, so do not call it from inside an async task (use `spawn_blocking`). The
-//! connection is a [`ConnectionManager`], which reconnects by itself when the server goes away:
+//! The API is blocking, like every [`ChunkStore`]; inside, the commands run on the runtime of
+//! the [`Io`] the store is opened on ([`Io::shared`] unless the caller gives its own), so it may
+//! be called from any thread, a tokio worker included. The connection is a [`ConnectionManager`], which reconnects by itself when the server goes away:
 //! a call in flight then fails (or is tried once more on the new connection, as every command
 //! here is safe to repeat), and the calls after the server is back work again. No call waits
 //! longer than the connection and response timeouts together.
@@ -26,6 +26,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use r3map_net::Io;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError,
@@ -299,7 +300,7 @@ pub struct RedisStore {
     place: String,
     prefix: String,
     options: RedisOptions,
-    runtime: Option<tokio::runtime::Runtime>,
+    io: Io,
 }
 
 impl fmt::Debug for RedisStore {
@@ -331,15 +332,18 @@ impl RedisStore {
     /// (or wants some); `TimedOut` or the connection error when the server cannot be reached
     /// within the timeouts.
     pub fn open_with(url: &Url, options: RedisOptions) -> io::Result<Self> {
+        Self::open_on(url, options, Io::shared())
+    }
+
+    /// As [`open_with`](Self::open_with), running the store's I/O on `io`.
+    ///
+    /// # Errors
+    /// As [`open_with`](Self::open_with).
+    pub fn open_on(url: &Url, options: RedisOptions, io: Io) -> io::Result<Self> {
         let target = Target::parse(url, options)?;
         let client = target.client()?;
         let place = target.place();
         let options = target.options;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-redis")
-            .enable_all()
-            .build()?;
         let fail = |what: &str, e: &RedisError| {
             let kind = kind_of(e);
             let hint = if kind == io::ErrorKind::PermissionDenied {
@@ -349,7 +353,7 @@ impl RedisStore {
             };
             io::Error::new(kind, format!("{what} {place} failed{hint}: {e}"))
         };
-        let manager = runtime.block_on(async {
+        let manager = io.block_on(async {
             let deadline = options.connect_timeout + options.response_timeout;
             let probe = async {
                 // A plain connection first: the manager would retry refused credentials in a loop.
@@ -377,7 +381,7 @@ impl RedisStore {
                 )
             })?
         })?;
-        Ok(Self { manager, place, prefix: target.prefix, options, runtime: Some(runtime) })
+        Ok(Self { manager, place, prefix: target.prefix, options, io })
     }
 
     /// The prefix of every key of this store.
@@ -400,13 +404,10 @@ impl RedisStore {
     /// Runs `cmd` on the server, once more if the connection broke (the manager has started a
     /// new one by then), all within the connection and response timeouts. `what` names the
     /// command and its keys for messages.
-    fn run(&self, cmd: &redis::Cmd, what: &dyn Fn() -> String) -> io::Result<Value> {
-        let Some(runtime) = &self.runtime else {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "the Redis store is closed"));
-        };
+    fn run(&self, cmd: &redis::Cmd, what: &(dyn Fn() -> String + Sync)) -> io::Result<Value> {
         let deadline = self.options.connect_timeout + self.options.response_timeout;
         let mut manager = self.manager.clone();
-        runtime.block_on(async {
+        self.io.block_on(async {
             let attempts = async {
                 match cmd.query_async::<Value>(&mut manager).await {
                     Err(e) if is_connection_error(&e) => {
@@ -427,18 +428,6 @@ impl RedisStore {
                 )),
             }
         })
-    }
-}
-
-impl Drop for RedisStore {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                rt.shutdown_background();
-            } else {
-                rt.shutdown_timeout(Duration::from_millis(500));
-            }
-        }
     }
 }
 

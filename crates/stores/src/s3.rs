@@ -13,8 +13,9 @@
 //! of a batch run concurrently (at most [`S3Store::DEFAULT_CONCURRENCY`] in flight), and a delete
 //! is one `DeleteObjects` request per thousand chunks.
 //!
-//! The API is blocking, like every [`ChunkStore`]: the requests run on the store's own tokio
-//! runtime, so do not call it from inside an async task (use `spawn_blocking`).
+//! The API is blocking, like every [`ChunkStore`]: the requests run on the runtime of the [`Io`]
+//! the store is opened on ([`Io::shared`] unless the caller gives its own), so it may be called
+//! from any thread, a tokio worker included.
 //!
 //! Failures are bounded in time: a connection attempt gives up after [`CONNECT_TIMEOUT`], a
 //! request after [`REQUEST_TIMEOUT`], and failed requests are retried only within
@@ -32,6 +33,7 @@ use object_store::client::{HttpError, HttpErrorKind, HttpRequest, HttpRequestBod
 use object_store::path::Path;
 use object_store::signer::{Method, Signer};
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use r3map_net::Io;
 
 use crate::ChunkStore;
 
@@ -158,7 +160,7 @@ pub struct S3Store {
     server: String,
     /// Most requests of one batch in flight at once.
     concurrency: usize,
-    runtime: Option<tokio::runtime::Runtime>,
+    io: Io,
 }
 
 impl fmt::Debug for S3Store {
@@ -186,6 +188,14 @@ impl S3Store {
     /// `NotFound` when the bucket does not exist; `TimedOut` or a connection error when the server
     /// cannot be reached (within a few seconds).
     pub fn open(url: &url::Url) -> io::Result<Self> {
+        Self::open_on(url, Io::shared())
+    }
+
+    /// As [`open`](Self::open), running the store's requests on `io`.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn open_on(url: &url::Url, io: Io) -> io::Result<Self> {
         let config = S3Url::parse(url)?;
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
@@ -226,18 +236,13 @@ impl S3Store {
                 format!("cannot configure S3 for '{}': {e}", redacted(url)),
             )
         })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-s3")
-            .enable_all()
-            .build()?;
         let store = Self {
             s3,
             bucket: config.bucket,
             prefix: config.prefix,
             server,
             concurrency: Self::DEFAULT_CONCURRENCY,
-            runtime: Some(runtime),
+            io,
         };
         let checked = store.block_on(async {
             let check = async {
@@ -285,11 +290,12 @@ impl S3Store {
         chunk_key(&self.prefix, chunk).to_string()
     }
 
-    fn block_on<F: Future>(&self, future: F) -> F::Output {
-        match &self.runtime {
-            Some(runtime) => runtime.block_on(future),
-            None => unreachable!("the runtime lives until the store is dropped"),
-        }
+    fn block_on<F>(&self, future: F) -> F::Output
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        self.io.block_on(future)
     }
 
     /// Where an object is, for messages.
@@ -467,18 +473,6 @@ impl ChunkStore for S3Store {
             }
             Ok(())
         })
-    }
-}
-
-impl Drop for S3Store {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                runtime.shutdown_background();
-            } else {
-                runtime.shutdown_timeout(Duration::from_millis(500));
-            }
-        }
     }
 }
 

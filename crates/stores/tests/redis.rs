@@ -379,6 +379,31 @@ fn a_server_restarted_between_calls_is_invisible() {
 }
 
 #[test]
+fn the_store_works_from_inside_an_async_task_and_on_a_runtime_of_the_callers() {
+    require_server!();
+    let server = Server::start(&[]);
+    let app = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // Opened and used from a tokio worker, on the shared runtime.
+    let url = server.url("prefix=task:");
+    let got = app.block_on(async move {
+        tokio::spawn(async move {
+            let store = RedisStore::open(&url).unwrap();
+            store.put(&[(1, b"in a task")]).unwrap();
+            store.get(&[1, 2]).unwrap()
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(got, vec![Some(b"in a task".to_vec()), None]);
+    // On the application's own runtime, from a plain thread.
+    let io = r3map_net::Io::from_handle(app.handle().clone());
+    let store =
+        RedisStore::open_on(&server.url("prefix=task:"), r3map_stores::redis::RedisOptions::default(), io)
+            .unwrap();
+    assert_eq!(store.get(&[1]).unwrap(), vec![Some(b"in a task".to_vec())]);
+}
+
+#[test]
 fn a_unix_socket_server_works() {
     require_server!();
     let server = Server::start_unix();
