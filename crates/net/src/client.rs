@@ -2,8 +2,8 @@
 //! connection, optional several connections, and reconnection.
 //!
 //! The public API is blocking, like every `Backend`; inside, each connection is a tokio task on the
-//! client's own runtime (so do not call it from inside an async task: use `spawn_blocking`). A
-//! connection writes requests as they come, and a reader hands replies back by id in whatever
+//! runtime of [`ClientOptions::io`] (the process's shared one unless the caller gives its own), so
+//! it may be called from any thread, a tokio worker included. A connection writes requests as they come, and a reader hands replies back by id in whatever
 //! order they arrive.
 //!
 //! Reconnection: when a connection breaks, requests that had no answer yet are sent again on the
@@ -35,6 +35,7 @@ use crate::proto::{
     self, ClientHello, ExportInfo, Op, REPLY_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
     export_flags,
 };
+use crate::runtime::Io;
 use crate::security::{BoxedIo, ClientSecurity, client_tls, read_pem};
 
 /// The port r3map listens on unless told otherwise (as the original's `ram-ul`).
@@ -76,6 +77,8 @@ pub struct ClientOptions {
     pub max_request: u32,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// The runtime the connections run on; `None` is [`Io::shared`].
+    pub io: Option<Io>,
 }
 
 impl ClientOptions {
@@ -91,6 +94,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(10),
             max_request: proto::DEFAULT_MAX_REQUEST,
             max_backoff: Duration::from_secs(2),
+            io: None,
         }
     }
 
@@ -229,7 +233,9 @@ pub struct RemoteBackend {
     round: AtomicU64,
     pool: Arc<BufPool>,
     timeout: Duration,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The connection tasks: they end once `conns` is dropped.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    io: Io,
 }
 
 impl fmt::Debug for RemoteBackend {
@@ -333,11 +339,7 @@ impl RemoteBackend {
     /// Unreachable server, TLS failure, refused credentials (`PermissionDenied`), unknown export
     /// (`NotFound`), or a timeout.
     pub fn connect(address: Address, options: ClientOptions) -> io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-client")
-            .enable_all()
-            .build()?;
+        let runtime = options.io.clone().unwrap_or_else(Io::shared);
         let target = Arc::new(Target { address: address.clone(), options });
         // Every connection is opened now, all at once, rather than the others on their first
         // request: a read someone waits for must not pay for a handshake (two round trips), and
@@ -365,9 +367,16 @@ impl RemoteBackend {
         })?;
         let pool = Arc::new(BufPool::new(64));
         let mut conns = Vec::new();
+        let mut tasks = Vec::new();
         for io in std::iter::once(Some(first)).chain(others) {
             let (tx, rx) = mpsc::unbounded_channel();
-            runtime.spawn(connection(Arc::clone(&target), info, io, rx, Arc::clone(&pool)));
+            tasks.push(runtime.handle().spawn(connection(
+                Arc::clone(&target),
+                info,
+                io,
+                rx,
+                Arc::clone(&pool),
+            )));
             conns.push(tx);
         }
         Ok(Self {
@@ -379,7 +388,8 @@ impl RemoteBackend {
             round: AtomicU64::new(0),
             pool,
             timeout: target.options.timeout,
-            runtime: Some(runtime),
+            tasks,
+            io: runtime,
         })
     }
 
@@ -471,14 +481,20 @@ impl RemoteBackend {
 
 impl Drop for RemoteBackend {
     fn drop(&mut self) {
+        // Without their senders, the connections answer what they hold, say goodbye and end.
         self.conns.clear();
-        if let Some(rt) = self.runtime.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                rt.shutdown_background();
-            } else {
-                // Lets the connections say goodbye.
-                rt.shutdown_timeout(Duration::from_millis(500));
-            }
+        let tasks = std::mem::take(&mut self.tasks);
+        if tokio::runtime::Handle::try_current().is_err() {
+            // From blocking code, give them a moment to do so; inside a runtime, they end on
+            // their own.
+            self.io.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                })
+                .await;
+            });
         }
     }
 }

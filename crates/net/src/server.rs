@@ -29,6 +29,7 @@ use crate::proto::{
     self, ClientHello, ExportInfo, Op, REQUEST_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
     export_flags,
 };
+use crate::runtime::Io;
 use crate::security::{BoxedIo, ServerSecurity, same_secret};
 
 /// One named resource a server offers.
@@ -684,77 +685,78 @@ impl Incoming {
     }
 }
 
-/// A server running on its own runtime thread, for callers without an async runtime of their own
-/// (tests, benchmarks, simple tools).
+/// A server running as a task on the process's shared runtime ([`Io::shared`]), for callers
+/// without an async runtime of their own (tests, benchmarks, simple tools).
 #[derive(Debug)]
 pub struct ServerHandle {
     addr: Option<SocketAddr>,
     path: Option<PathBuf>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
+    io: Io,
 }
 
 impl ServerHandle {
     /// Serves TCP on `addr` (port 0 picks one; see [`ServerHandle::local_addr`]).
     ///
     /// # Errors
-    /// Binding the address, or building the runtime.
+    /// Binding the address.
     pub fn start_tcp(server: Server, addr: SocketAddr) -> io::Result<Self> {
-        let runtime = runtime()?;
-        let listener = runtime.block_on(TcpListener::bind(addr))?;
-        Self::serve_tcp_on(server, runtime, listener)
+        let io = Io::shared();
+        let listener = io.block_on(TcpListener::bind(addr))?;
+        Self::serve_tcp_on(server, io, listener)
     }
 
     /// Serves TCP on a listener the caller bound, with whatever socket options it needs (the
     /// server takes it over and closes it at shutdown).
     ///
     /// # Errors
-    /// The listener cannot be used by tokio, or building the runtime.
+    /// The listener cannot be used by tokio.
     pub fn start_tcp_listener(server: Server, listener: std::net::TcpListener) -> io::Result<Self> {
-        let runtime = runtime()?;
+        let io = Io::shared();
         listener.set_nonblocking(true)?;
         let listener = {
-            let _guard = runtime.enter();
+            let _guard = io.handle().enter();
             TcpListener::from_std(listener)?
         };
-        Self::serve_tcp_on(server, runtime, listener)
+        Self::serve_tcp_on(server, io, listener)
     }
 
-    fn serve_tcp_on(
-        server: Server,
-        runtime: tokio::runtime::Runtime,
-        listener: TcpListener,
-    ) -> io::Result<Self> {
+    fn serve_tcp_on(server: Server, io: Io, listener: TcpListener) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new().name("r3map-server".into()).spawn(move || {
-            runtime.block_on(server.serve_tcp(listener, async move {
-                let _ = stopped.await;
-            }))
-        })?;
-        Ok(Self { addr: Some(local), path: None, stop: Some(stop), thread: Some(thread) })
+        let task = io.handle().spawn(async move {
+            server
+                .serve_tcp(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Self { addr: Some(local), path: None, stop: Some(stop), task: Some(task), io })
     }
 
     /// Serves a Unix socket at `path` (replacing a stale socket file).
     ///
     /// # Errors
-    /// Binding the socket, or building the runtime.
+    /// Binding the socket.
     pub fn start_unix(server: Server, path: &Path) -> io::Result<Self> {
-        let runtime = runtime()?;
+        let io = Io::shared();
         if path.exists() {
             std::fs::remove_file(path)?;
         }
         let listener = {
-            let _guard = runtime.enter();
+            let _guard = io.handle().enter();
             UnixListener::bind(path)?
         };
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new().name("r3map-server".into()).spawn(move || {
-            runtime.block_on(server.serve_unix(listener, async move {
-                let _ = stopped.await;
-            }))
-        })?;
-        Ok(Self { addr: None, path: Some(path.to_owned()), stop: Some(stop), thread: Some(thread) })
+        let task = io.handle().spawn(async move {
+            server
+                .serve_unix(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Self { addr: None, path: Some(path.to_owned()), stop: Some(stop), task: Some(task), io })
     }
 
     /// The TCP address it listens on.
@@ -775,8 +777,8 @@ impl ServerHandle {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let result = match self.thread.take() {
-            Some(t) => t.join().map_err(|_| io::Error::other("the server thread panicked"))?,
+        let result = match self.task.take() {
+            Some(t) => self.io.block_on(t).map_err(|_| io::Error::other("the server task panicked"))?,
             None => Ok(()),
         };
         if let Some(p) = self.path.take() {
@@ -792,12 +794,4 @@ impl Drop for ServerHandle {
             tracing::error!(error = %e, "the server's final flush failed");
         }
     }
-}
-
-fn runtime() -> io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("r3map-net")
-        .enable_all()
-        .build()
 }
