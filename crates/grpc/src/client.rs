@@ -1,9 +1,9 @@
 //! The client: [`GrpcBackend`] (a [`Backend`] over the `Backend` service), [`GrpcSeeder`] (a
 //! [`Seeder`] over the `Seeder` service) and [`GrpcSeederSource`] (the seeder's data, read-only).
 //!
-//! Each client owns a small tokio runtime and blocks on it per call, so the API is the blocking
-//! one of the rest of r3map. **Call it from plain threads** (or from `spawn_blocking`), never from
-//! inside an async task: tokio panics when `block_on` runs inside a runtime.
+//! A client's calls run on the runtime of [`GrpcClientOptions::io`] (the process's shared one
+//! unless the caller gives its own) and block until they are answered, so the API is the
+//! blocking one of the rest of r3map; it may be called from any thread, a tokio worker included.
 //!
 //! One HTTP/2 connection carries every call of a client (it reconnects by itself after a failure);
 //! calls from many threads are multiplexed on it. Reads larger than `max_read` are split into
@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures_util::future::try_join_all;
 use r3map_core::backend::len64;
 use r3map_core::{Backend, Capabilities, Chunk, Seeder, check_range};
-use tokio::runtime::Runtime;
+use r3map_net::Io;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 
@@ -54,11 +54,19 @@ pub struct GrpcClientOptions {
     pub timeout: Duration,
     /// TLS settings for an `https://` endpoint; `None` for `http://` (plaintext).
     pub tls: Option<ClientTls>,
+    /// The runtime the connection runs on; `None` is [`Io::shared`].
+    pub io: Option<Io>,
 }
 
 impl Default for GrpcClientOptions {
     fn default() -> Self {
-        Self { max_read: DEFAULT_MAX_READ, max_write: DEFAULT_MAX_WRITE, timeout: DEFAULT_TIMEOUT, tls: None }
+        Self {
+            max_read: DEFAULT_MAX_READ,
+            max_write: DEFAULT_MAX_WRITE,
+            timeout: DEFAULT_TIMEOUT,
+            tls: None,
+            io: None,
+        }
     }
 }
 
@@ -72,7 +80,7 @@ enum Via {
 /// A connection and the runtime that drives it, shared by the clients made from it.
 struct Conn {
     endpoint: String,
-    runtime: Option<Runtime>,
+    io: Io,
     channel: Channel,
     max_read: usize,
     max_write: usize,
@@ -116,12 +124,8 @@ impl Conn {
                 .tls_config(tls.into_tonic())
                 .map_err(|e| invalid(&e, "the client's TLS settings are not usable"))?;
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-grpc-client")
-            .enable_all()
-            .build()?;
-        let channel = runtime.block_on(async {
+        let io = options.io.unwrap_or_else(Io::shared);
+        let channel = io.block_on(async {
             match tokio::time::timeout(options.timeout + TIMER_SLACK, ep.connect()).await {
                 Ok(Ok(channel)) => Ok(channel),
                 Ok(Err(e)) => Err(io_from_transport(&e, &format!("cannot connect to {endpoint}"))),
@@ -131,21 +135,11 @@ impl Conn {
                 )),
             }
         })?;
-        Ok(Self {
-            endpoint: endpoint.to_owned(),
-            runtime: Some(runtime),
-            channel,
-            max_read,
-            max_write,
-            timeout: options.timeout,
-        })
+        Ok(Self { endpoint: endpoint.to_owned(), io, channel, max_read, max_write, timeout: options.timeout })
     }
 
-    fn block_on<T>(&self, f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
-        match &self.runtime {
-            Some(runtime) => runtime.block_on(f),
-            None => Err(io::Error::other("the gRPC client's runtime is gone")),
-        }
+    fn block_on<T: Send>(&self, f: impl Future<Output = io::Result<T>> + Send) -> io::Result<T> {
+        self.io.block_on(f)
     }
 
     fn mount(&self) -> BackendClient<Channel> {
@@ -252,15 +246,6 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Never blocks, so dropping a client is safe anywhere, even inside another runtime.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 fn offset(off: u64) -> io::Result<i64> {
     i64::try_from(off).map_err(|_| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("offset {off} does not fit the protocol's int64"))
@@ -307,7 +292,7 @@ pub struct GrpcBackend {
 impl GrpcBackend {
     /// Connects to `endpoint` (`http://host:port`, or `https://host:port` with
     /// [`GrpcClientOptions::tls`]) and presents its `Backend` service as a backend of `size`
-    /// bytes. Call from a plain thread, not from inside a tokio runtime.
+    /// bytes..
     ///
     /// # Errors
     /// `InvalidInput` for bad options or an endpoint whose scheme does not match the TLS settings;
@@ -367,7 +352,7 @@ pub struct GrpcSeeder {
 
 impl GrpcSeeder {
     /// Connects to the `Seeder` service at `endpoint`, whose dirty offsets are multiples of
-    /// `chunk_size`. Call from a plain thread, not from inside a tokio runtime.
+    /// `chunk_size`..
     ///
     /// # Errors
     /// `InvalidInput` for a zero chunk size or bad options; the connection error.

@@ -31,11 +31,11 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
 use r3map_core::{Seeder, SharedBackend, check_range};
+use r3map_net::Io;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Server;
@@ -349,19 +349,20 @@ impl migration::seeder_server::Seeder for SeederService {
     }
 }
 
-/// A server running on a tokio runtime of its own, in a thread of its own, for callers with no
-/// runtime. Dropping it shuts it down like [`shutdown`](GrpcServer::shutdown) and logs an error.
+/// A server running as a task on the process's shared runtime ([`Io::shared`]), for callers with
+/// no runtime of their own. Dropping it shuts it down like [`shutdown`](GrpcServer::shutdown) and
+/// logs an error.
 pub struct GrpcServer {
     local_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
+    io: Io,
 }
 
 impl GrpcServer {
     /// Binds `addr` (port 0 picks a free port) and serves `export` there.
     ///
-    /// Call from a plain thread: [`shutdown`](GrpcServer::shutdown) and drop wait for the server
-    /// thread.
+    /// [`shutdown`](GrpcServer::shutdown) and drop wait for the server to finish.
     ///
     /// # Errors
     /// Binding fails; `InvalidInput` for a `max_read` out of range or TLS material that does not
@@ -394,23 +395,17 @@ impl GrpcServer {
     ) -> io::Result<Self> {
         std_listener.set_nonblocking(true)?;
         let local_addr = std_listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-grpc-server")
-            .enable_all()
-            .build()?;
+        let io = Io::shared();
         let listener = {
-            let _guard = runtime.enter();
+            let _guard = io.handle().enter();
             TcpListener::from_std(std_listener)?
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("r3map-grpc-server".into()).spawn(move || {
-            runtime.block_on(run(router, listener, backend, grace, async {
-                // A dropped sender stops the server too.
-                let _ = stopped.await;
-            }))
-        })?;
-        Ok(Self { local_addr, stop: Some(stop), thread: Some(thread) })
+        let task = io.handle().spawn(run(router, listener, backend, grace, async {
+            // A dropped sender stops the server too.
+            let _ = stopped.await;
+        }));
+        Ok(Self { local_addr, stop: Some(stop), task: Some(task), io })
     }
 
     /// The address the server listens on.
@@ -420,8 +415,7 @@ impl GrpcServer {
     }
 
     /// Stops accepting, waits for the calls in flight and for clients to close their connections
-    /// (at most [`shutdown_grace`](GrpcExport::shutdown_grace)), flushes the backend and stops the
-    /// runtime.
+    /// (at most [`shutdown_grace`](GrpcExport::shutdown_grace)) and flushes the backend.
     ///
     /// # Errors
     /// The server's transport error or the final flush's error.
@@ -433,10 +427,11 @@ impl GrpcServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match self.thread.take() {
-            Some(thread) => {
-                thread.join().unwrap_or_else(|_| Err(io::Error::other("the gRPC server thread panicked")))
-            }
+        match self.task.take() {
+            Some(task) => self
+                .io
+                .block_on(task)
+                .unwrap_or_else(|_| Err(io::Error::other("the gRPC server task panicked"))),
             None => Ok(()),
         }
     }
@@ -454,7 +449,7 @@ impl fmt::Debug for GrpcServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GrpcServer")
             .field("local_addr", &self.local_addr)
-            .field("running", &self.thread.is_some())
+            .field("running", &self.task.is_some())
             .finish()
     }
 }
