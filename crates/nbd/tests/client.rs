@@ -452,6 +452,28 @@ fn take_a_reconnect_attempt(accept: impl FnOnce() -> io::Result<()> + Send) {
 }
 
 #[test]
+fn the_client_works_from_inside_async_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Arc::new(Memory::new(MIB));
+    let server = Served::unix(vec![export("disk", memory.clone())], &dir.path().join("s"));
+    let uri = server.uri("disk", "");
+    // One worker: a client that blocked it while waiting for its own connection task (on the
+    // shared runtime, or here) would hang.
+    let app = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let read = app.block_on(async move {
+        tokio::spawn(async move {
+            let client = open(&uri);
+            client.write_at(b"from a task", 4096).unwrap();
+            read(&client, 4096, 11)
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(read, b"from a task");
+    assert_eq!(self::read(memory.as_ref(), 4096, 11), b"from a task");
+}
+
+#[test]
 fn a_changed_export_is_refused_on_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s");

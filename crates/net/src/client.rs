@@ -439,7 +439,8 @@ impl RemoteBackend {
         op: Op,
         deadline: Instant,
     ) -> io::Result<Vec<u8>> {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match crate::runtime::blocking(|| rx.recv_timeout(deadline.saturating_duration_since(Instant::now())))
+        {
             Ok(r) => r,
             Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

@@ -79,6 +79,16 @@ impl Io {
     }
 }
 
+/// Runs `wait` (a blocking wait for an answer from the runtime: a channel, a condition) so that
+/// it cannot starve the runtime: on a worker of a multi-threaded runtime, the worker is handed
+/// over to blocking first ([`tokio::task::block_in_place`]); elsewhere `wait` just runs.
+pub fn blocking<T>(wait: impl FnOnce() -> T) -> T {
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
+    }
+}
+
 impl Default for Io {
     /// [`Io::shared`].
     fn default() -> Self {
@@ -122,6 +132,22 @@ mod tests {
     fn runs_from_inside_a_current_thread_runtime() {
         let app = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert_eq!(app.block_on(async { Io::shared().block_on(answer()) }), 42);
+    }
+
+    #[test]
+    fn a_worker_waiting_for_the_runtime_does_not_starve_it() {
+        // One worker: a task that blocks it waiting for another task would wait forever.
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let got = rt.block_on(async {
+            tokio::spawn(async {
+                let (tx, rx) = std::sync::mpsc::channel();
+                tokio::spawn(async move { tx.send(7).unwrap() });
+                blocking(|| rx.recv().unwrap())
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(got, 7);
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! `nbd-server`, or this crate's [`NbdServer`](crate::NbdServer)).
 //!
 //! # Design
-//! The API is blocking, like every `Backend`. Inside, each connection is a task on the client's
-//! own tokio runtime: a writer sends requests as they come (many in flight per connection) and a
+//! The API is blocking, like every `Backend`. Inside, each connection is a task on the runtime
+//! the client is opened on ([`r3map_net::Io::shared`] unless the caller gives its own): a writer sends requests as they come (many in flight per connection) and a
 //! reader matches replies to them by cookie, in whatever order the server answers, and wakes the
 //! caller waiting on a channel. Large requests are cut at the server's maximum size and their
-//! pieces are in flight together. Callers may be threads of another tokio runtime (they only block
-//! on channels), but should not be its async tasks.
+//! pieces are in flight together. Callers may be any thread, the runtime's own workers included
+//! (they only block on channels).
 //!
 //! When the server's minimum block size is above 1, the export is reached through an
 //! [`Aligned`] layer, so that any offset and length still work (partial blocks by
@@ -120,7 +120,19 @@ impl NbdBackend {
     /// server certificate, a client certificate missing or refused); a handshake slower than
     /// [`NbdClientOptions::connect_timeout`] (`TimedOut`).
     pub fn connect(address: NbdAddress, options: NbdClientOptions) -> io::Result<Self> {
-        let transport = Arc::new(Transport::connect(address, options)?);
+        Self::connect_on(address, options, &r3map_net::Io::shared())
+    }
+
+    /// As [`NbdBackend::connect`], with the connections running on `io`.
+    ///
+    /// # Errors
+    /// As [`NbdBackend::connect`].
+    pub fn connect_on(
+        address: NbdAddress,
+        options: NbdClientOptions,
+        io: &r3map_net::Io,
+    ) -> io::Result<Self> {
+        let transport = Arc::new(Transport::connect(address, options, io)?);
         let min_block = transport.info().min_block;
         let aligned = if min_block > 1 {
             Some(Aligned::new(Arc::clone(&transport), u64::from(min_block))?)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use r3map_core::backend::len64;
 use r3map_core::geometry::to_usize;
 use r3map_core::{Backend, Capabilities, Extent, check_range};
+use r3map_net::Io;
 use tokio::sync::mpsc;
 
 use super::connection::{self, Call, Health, Target};
@@ -28,7 +29,7 @@ const MAX_BYTES_IN_FLIGHT: u64 = 128 * 1024 * 1024;
 /// How long dropping the client waits for its connections to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The connections to one export, and the runtime they run on.
+/// The connections to one export, as tasks on the runtime the client was opened on.
 pub(crate) struct Transport {
     target: Arc<Target>,
     info: NbdExportInfo,
@@ -38,7 +39,6 @@ pub(crate) struct Transport {
     health: Arc<Health>,
     /// One message per connection task when it ends.
     finished: Mutex<std_mpsc::Receiver<()>>,
-    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl fmt::Debug for Transport {
@@ -64,20 +64,21 @@ struct Waiter {
 /// Runs `future` on `runtime` and waits for it from this (blocking) thread, which may itself be
 /// a thread of another runtime.
 fn run_on<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
+    runtime: &tokio::runtime::Handle,
     future: impl Future<Output = T> + Send + 'static,
 ) -> io::Result<T> {
     let (tx, rx) = std_mpsc::channel();
     runtime.spawn(async move {
         let _ = tx.send(future.await);
     });
-    rx.recv().map_err(|_| io::Error::other("the NBD client's runtime stopped"))
+    r3map_net::runtime::blocking(|| rx.recv())
+        .map_err(|_| io::Error::other("the NBD client's runtime stopped"))
 }
 
 /// Opens `wanted` connections (one unless the server allows several) and negotiates the export
 /// on each; never an empty list.
 fn open_connections(
-    runtime: &tokio::runtime::Runtime,
+    runtime: &tokio::runtime::Handle,
     target: &Arc<Target>,
     wanted: usize,
 ) -> io::Result<Vec<(BoxedStream, Negotiated)>> {
@@ -115,12 +116,8 @@ fn open_connections(
 
 impl Transport {
     /// Opens the connections; see [`NbdBackend::connect`](super::NbdBackend::connect).
-    pub(crate) fn connect(address: NbdAddress, options: NbdClientOptions) -> io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-nbd-client")
-            .enable_all()
-            .build()?;
+    pub(crate) fn connect(address: NbdAddress, options: NbdClientOptions, io: &Io) -> io::Result<Self> {
+        let runtime = io.handle();
         let target = Arc::new(Target {
             peer: Arc::from(address.to_string()),
             address,
@@ -129,14 +126,7 @@ impl Transport {
             max_backoff: options.max_backoff,
             tls: options.tls,
         });
-        let connected = match open_connections(&runtime, &target, options.connections) {
-            Ok(connected) => connected,
-            Err(e) => {
-                // Dropping a runtime blocks, which a caller on another runtime must not do.
-                runtime.shutdown_background();
-                return Err(e);
-            }
-        };
+        let connected = open_connections(runtime, &target, options.connections)?;
         let info = connected[0].1.info;
         let health = Arc::new(Health::default());
         let (done_tx, done_rx) = std_mpsc::channel();
@@ -158,7 +148,6 @@ impl Transport {
             timeout: options.timeout,
             health,
             finished: Mutex::new(done_rx),
-            runtime: Some(runtime),
         })
     }
 
@@ -232,7 +221,7 @@ impl Transport {
 
     fn wait(&self, w: &Waiter) -> io::Result<Reply> {
         let left = w.deadline.saturating_duration_since(Instant::now());
-        match w.rx.recv_timeout(left) {
+        match r3map_net::runtime::blocking(|| w.rx.recv_timeout(left)) {
             Ok(r) => r,
             Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -369,12 +358,10 @@ impl Drop for Transport {
         let deadline = Instant::now() + CLOSE_GRACE;
         let finished = self.finished.lock().unwrap_or_else(PoisonError::into_inner);
         for _ in 0..tasks {
-            if finished.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if r3map_net::runtime::blocking(|| finished.recv_timeout(left)).is_err() {
                 break;
             }
-        }
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
         }
     }
 }
