@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use r3map_net::Io;
 use r3map_sys::nbd_ioctl;
 
 use tokio::sync::watch;
@@ -97,7 +98,8 @@ pub struct KernelDevice {
     server: NbdServer,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), ConnectionError>>>,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The runtime the connections run on; `None` once detached.
+    io: Option<Io>,
     /// The kernel's ends, kept open while attached.
     _kernel_ends: Vec<UnixStream>,
     /// Attached by ioctls: the device's descriptor and the thread in `NBD_DO_IT`.
@@ -184,18 +186,14 @@ impl KernelDevice {
             return Err(driver_not_loaded());
         }
 
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("r3map-nbd-dev")
-            .enable_all()
-            .build()?;
+        let io = Io::shared();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut kernel_ends = Vec::new();
         for _ in 0..options.connections {
             let (ours, theirs) = UnixStream::pair()?;
             let (server, export, mut rx) = (server.clone(), export.to_owned(), stop_rx.clone());
-            tasks.push(runtime.spawn(async move {
+            tasks.push(io.handle().spawn(async move {
                 let shutdown = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
@@ -222,7 +220,7 @@ impl KernelDevice {
             server: server.clone(),
             stop,
             tasks,
-            runtime: Some(runtime),
+            io: Some(io),
             _kernel_ends: kernel_ends,
             ioctl,
         };
@@ -282,7 +280,7 @@ impl KernelDevice {
     }
 
     fn shut_down(&mut self) -> io::Result<()> {
-        let Some(runtime) = self.runtime.take() else {
+        let Some(io) = self.io.take() else {
             return Ok(());
         };
         let disconnected = match &mut self.ioctl {
@@ -305,7 +303,7 @@ impl KernelDevice {
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut self.tasks);
         let server = self.server.clone();
-        let flushed = runtime.block_on(async move {
+        let flushed = io.block_on(async move {
             for t in tasks {
                 match tokio::time::timeout(Duration::from_secs(30), t).await {
                     Ok(Ok(Err(e))) => {
@@ -317,7 +315,6 @@ impl KernelDevice {
             }
             server.flush_all().await
         });
-        runtime.shutdown_timeout(Duration::from_secs(1));
         tracing::info!(device = %format!("/dev/nbd{}", self.index), "NBD device detached");
         disconnected.and(flushed)
     }
