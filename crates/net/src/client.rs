@@ -253,6 +253,25 @@ struct Target {
     options: ClientOptions,
 }
 
+/// Connects to the socket at `path`. A missing socket file is `ConnectionRefused`, as a socket
+/// nobody listens on is: a server being restarted removes and re-creates it, so it is a reason to
+/// try again, not the `NotFound` of an export the server does not have.
+async fn connect_unix(path: &std::path::Path) -> io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "nothing listens at {} (there is no socket file): is the server running?",
+                    path.display()
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 impl Target {
     async fn connect(&self) -> io::Result<(BoxedIo, ExportInfo)> {
         let attempt = async {
@@ -275,7 +294,7 @@ impl Target {
                         ClientSecurity::Plaintext => Box::new(tcp),
                     }
                 }
-                Address::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+                Address::Unix(path) => Box::new(connect_unix(path).await?),
             };
             let hello = ClientHello {
                 version: proto::VERSION,
@@ -867,6 +886,16 @@ async fn read_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_socket_file_is_refused_not_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone.sock");
+        let e = Io::shared().block_on(connect_unix(&path)).unwrap_err();
+        // Not NotFound: the reconnect loop fails every waiting request at once on that.
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        assert!(e.to_string().contains("gone.sock") && e.to_string().contains("server running"), "{e}");
+    }
 
     fn lanes(counts: &[usize]) -> Vec<AtomicUsize> {
         counts.iter().map(|&c| AtomicUsize::new(c)).collect()
