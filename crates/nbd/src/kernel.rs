@@ -32,8 +32,8 @@ use r3map_sys::nbd_ioctl;
 
 use tokio::sync::watch;
 
-use crate::netlink::{Attr, GenlSocket};
 use crate::server::{ConnectionError, NbdServer};
+use r3map_sys::netlink::{Attr, GenlSocket, RawAttr};
 
 const NBD_CMD_CONNECT: u8 = 1;
 const NBD_CMD_DISCONNECT: u8 = 2;
@@ -354,7 +354,7 @@ fn connect_netlink(
     let reply = sock
         .request(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, &attrs)
         .map_err(|e| as_root(&e, "attaching an NBD device"))?;
-    reply.iter().find(|a| a.kind == NBD_ATTR_INDEX).and_then(crate::netlink::RawAttr::u32).ok_or_else(|| {
+    reply.iter().find(|a| a.kind == NBD_ATTR_INDEX).and_then(RawAttr::u32).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidData, "the kernel did not say which device it attached")
     })
 }

@@ -51,7 +51,6 @@
 
 pub mod client;
 pub mod kernel;
-mod netlink;
 pub mod proto;
 pub mod server;
 pub mod status;

@@ -7,6 +7,8 @@
 //!   and block devices).
 //! - [`loop_ioctl`]: binding a loop device to a file without `losetup`.
 //! - [`nbd_ioctl`]: the kernel NBD driver's ioctls, for kernels without its netlink interface.
+//! - [`netlink`]: generic netlink messages and a socket for them, the NBD driver's newer interface
+//!   (no unsafe code; a kernel interface all the same).
 //! - [`region_map`]: [`AnonMapping`], a private anonymous mapping filled by a userfaultfd
 //!   handler, accessed through volatile copies (no `&[u8]` view: its bytes change under any
 //!   reference).
@@ -19,6 +21,7 @@
 pub mod loop_ioctl;
 pub mod mapping;
 pub mod nbd_ioctl;
+pub mod netlink;
 pub mod region_map;
 pub mod uffd;
 
