@@ -19,6 +19,13 @@ command -v fusermount3 >/dev/null 2>&1 || need_pkgs+=(fuse3)
 # The stores' integration tests start their own redis-server; moto (below) needs a venv.
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+# The gRPC tests' Go peer: Go, its gRPC and protobuf sources, and protoc with the Go plugins.
+command -v go >/dev/null 2>&1 || need_pkgs+=(golang-go)
+command -v protoc >/dev/null 2>&1 || need_pkgs+=(protobuf-compiler)
+command -v protoc-gen-go >/dev/null 2>&1 || need_pkgs+=(protoc-gen-go)
+command -v protoc-gen-go-grpc >/dev/null 2>&1 || need_pkgs+=(protoc-gen-go-grpc)
+[ -d /usr/share/gocode/src/google.golang.org/grpc ] || need_pkgs+=(golang-google-grpc-dev)
+[ -d /usr/share/gocode/src/google.golang.org/protobuf ] || need_pkgs+=(golang-google-protobuf-dev)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_pkgs[*]}"

@@ -1,10 +1,11 @@
 //! Integration tests of r3map-grpc: servers on 127.0.0.1:0, our clients and the raw generated
-//! clients against them.
+//! clients against them, and a Go peer built from the same `.proto` files (`go_peer`).
 
 // Test code: small sizes, so the casts cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
 
 mod backend;
+mod go_peer;
 mod seeder;
 mod tls;
 mod wire;
