@@ -48,8 +48,15 @@
 //!   errors of the control path ([`ConfigError`], [`ConnectionError`]). The data path reports
 //!   `io::Error`s, which become NBD error values ([`server::errno_of`]).
 //! - [`status`]: metadata contexts (`base:allocation`, `r3map:chunks`) and [`ChunkStates`].
+//! - `export` (re-exported from [`server`]): what is served, [`NbdExport`] and [`BlockSizes`].
+//! - `exec`: request execution without I/O: a request checked against its connection, run on the
+//!   backend, its reply encoded. The async driver in [`server`] and the threaded one (`threaded`,
+//!   for plaintext and kernel sockets) both read requests and call it; no module imports one
+//!   that imports it back.
 
 pub mod client;
+mod exec;
+mod export;
 pub mod kernel;
 pub mod proto;
 pub mod server;

@@ -30,8 +30,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use r3map_core::Capabilities;
 use tokio::sync::{Notify, watch};
 
+use crate::exec::{Conn, SHUTDOWN_GRACE, check, error_reply, execute};
 use crate::proto::{self, Command, Request};
-use crate::server::{Conn, SHUTDOWN_GRACE, check, error_reply, execute};
 
 /// Reply buffers larger than this are given back after their request instead of being kept.
 const KEEP_BUFFER: usize = 4 * 1024 * 1024;
