@@ -26,6 +26,11 @@ command -v protoc-gen-go >/dev/null 2>&1 || need_pkgs+=(protoc-gen-go)
 command -v protoc-gen-go-grpc >/dev/null 2>&1 || need_pkgs+=(protoc-gen-go-grpc)
 [ -d /usr/share/gocode/src/google.golang.org/grpc ] || need_pkgs+=(golang-google-grpc-dev)
 [ -d /usr/share/gocode/src/google.golang.org/protobuf ] || need_pkgs+=(golang-google-protobuf-dev)
+# Debian's gRPC encodes messages with github.com/golang/protobuf; its 1.3 series (which it pulls
+# in by default) cannot encode the messages protoc-gen-go 1.28 generates, and the peer panics on
+# its first call. 1.5 wraps the new API.
+dpkg-query -W -f='${Status}' golang-github-golang-protobuf-1-5-dev 2>/dev/null | grep -q 'ok installed' ||
+  need_pkgs+=(golang-github-golang-protobuf-1-5-dev)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${need_pkgs[*]}"
