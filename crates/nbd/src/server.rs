@@ -6,7 +6,6 @@
 //! reply buffers. Shutdown stops accepting, lets requests in flight finish, then flushes every
 //! export.
 
-use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -140,52 +139,109 @@ impl Haggle {
     }
 }
 
-/// A byte stream a connection runs over. `as_any` lets a plaintext TCP or Unix socket be taken
-/// back from tokio after negotiation, for the threaded transmission path.
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn as_any(&self) -> &dyn Any;
-    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+/// Any stream a connection can run over.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What a connection runs over: the plaintext socket it was accepted on (which the threaded
+/// driver takes over after negotiation), or another stream (TLS over one of those, or what
+/// [`NbdServer::serve_stream`] was given), which the async driver serves.
+enum Link {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+    Other(Box<dyn Stream>),
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn into_any(self: Box<Self>) -> Box<dyn Any> {
-        self
-    }
-}
-
-type BoxedIo = Box<dyn Stream>;
-
-/// The plaintext socket under `stream`, in blocking mode, when it is one.
-fn plain_socket(stream: BoxedIo) -> io::Result<Result<Socket, BoxedIo>> {
-    // Through the box: `Box<dyn Stream>` is itself a `Stream`, whose `as_any` is the box.
-    let any = (*stream).as_any();
-    if !any.is::<tokio::net::TcpStream>() && !any.is::<tokio::net::UnixStream>() {
-        return Ok(Err(stream));
-    }
-    let socket = match stream.into_any().downcast::<tokio::net::TcpStream>() {
-        Ok(tcp) => {
-            let s = tcp.into_std()?;
-            s.set_nonblocking(false)?;
-            Socket::Tcp(s)
-        }
-        Err(other) => match other.downcast::<tokio::net::UnixStream>() {
-            Ok(unix) => {
+impl Link {
+    /// The plaintext socket, in blocking mode, for the threaded driver; `Err` gives back any
+    /// other stream.
+    fn into_plain_socket(self) -> io::Result<Result<Socket, Link>> {
+        Ok(Ok(match self {
+            Self::Tcp(tcp) => {
+                let s = tcp.into_std()?;
+                s.set_nonblocking(false)?;
+                Socket::Tcp(s)
+            }
+            Self::Unix(unix) => {
                 let s = unix.into_std()?;
                 s.set_nonblocking(false)?;
                 Socket::Unix(s)
             }
-            Err(_) => unreachable!("the stream's type was checked above"),
-        },
+            other @ Self::Other(_) => return Ok(Err(other)),
+        }))
+    }
+}
+
+impl From<tokio::net::TcpStream> for Link {
+    fn from(s: tokio::net::TcpStream) -> Self {
+        Self::Tcp(s)
+    }
+}
+
+impl From<tokio::net::UnixStream> for Link {
+    fn from(s: tokio::net::UnixStream) -> Self {
+        Self::Unix(s)
+    }
+}
+
+/// Runs `$body` with `$s` bound to the stream inside `$link`, pinned.
+macro_rules! on_link {
+    ($link:expr, $s:ident => $body:expr) => {
+        match $link.get_mut() {
+            Link::Tcp(t) => {
+                let $s = std::pin::Pin::new(t);
+                $body
+            }
+            Link::Unix(u) => {
+                let $s = std::pin::Pin::new(u);
+                $body
+            }
+            Link::Other(o) => {
+                let $s = std::pin::Pin::new(o);
+                $body
+            }
+        }
     };
-    Ok(Ok(socket))
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        on_link!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        on_link!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        on_link!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        on_link!(self, s => s.poll_shutdown(cx))
+    }
 }
 
 /// How a negotiation ended.
 enum Negotiated {
-    Transmit(Session, BoxedIo),
+    Transmit(Session, Link),
     /// The client aborted or hung up.
     Left,
 }
@@ -281,7 +337,7 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let conn = self.connection(Box::new(stream), stop_rx, false);
+        let conn = self.connection(Link::Other(Box::new(stream)), stop_rx, false);
         tokio::pin!(conn, shutdown);
         tokio::select! {
             r = &mut conn => r,
@@ -338,7 +394,7 @@ impl NbdServer {
     where
         F: Fn() -> Fut,
         Fut: Future<Output = io::Result<(S, String)>>,
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Into<Link> + Send + 'static,
     {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
@@ -354,7 +410,7 @@ impl NbdServer {
                             tracing::debug!(%peer, "NBD client connected");
                             metrics::counter!("r3map_nbd_connections_total").increment(1);
                             metrics::gauge!("r3map_nbd_connections").increment(1);
-                            match server.connection(Box::new(stream), stop, require_tls).await {
+                            match server.connection(stream.into(), stop, require_tls).await {
                                 Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                                 Err(e) => tracing::info!(%peer, error = %e, "NBD connection ended with an error"),
                             }
@@ -394,7 +450,7 @@ impl NbdServer {
 
     async fn connection(
         &self,
-        stream: BoxedIo,
+        stream: Link,
         mut stop: watch::Receiver<bool>,
         require_tls: bool,
     ) -> Result<(), ConnectionError> {
@@ -418,7 +474,7 @@ impl NbdServer {
         let conn = Conn { export, structured: session.structured, contexts: session.contexts };
         // Plaintext sockets are served by threads that each read, run and answer a request;
         // TLS streams by async tasks around the blocking pool.
-        let stream = match plain_socket(stream)? {
+        let stream = match stream.into_plain_socket()? {
             Ok(socket) => {
                 return threaded::transmission(socket, conn, self.threads, threaded::Start::Lazy, stop)
                     .await
@@ -433,7 +489,7 @@ impl NbdServer {
     }
 
     /// Runs option haggling on an unbuffered stream (nothing may be read ahead of a TLS upgrade).
-    async fn negotiate(&self, mut io: BoxedIo, require_tls: bool) -> Result<Negotiated, ConnectionError> {
+    async fn negotiate(&self, mut io: Link, require_tls: bool) -> Result<Negotiated, ConnectionError> {
         io.write_all(&proto::encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES))
             .await?;
         io.flush().await?;
@@ -547,19 +603,19 @@ impl NbdServer {
         Err(ConnectionError::TooManyOptions)
     }
 
-    async fn start_tls(&self, io: BoxedIo) -> Result<BoxedIo, ConnectionError> {
+    async fn start_tls(&self, io: Link) -> Result<Link, ConnectionError> {
         let Some(tls) = &self.tls else {
             return Err(ConnectionError::Tls(io::Error::other("TLS is not configured")));
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
         let stream = acceptor.accept(io).await.map_err(ConnectionError::Tls)?;
-        Ok(Box::new(stream))
+        Ok(Link::Other(Box::new(stream)))
     }
 
     /// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`.
     async fn meta_context(
         &self,
-        io: &mut BoxedIo,
+        io: &mut Link,
         option: u32,
         data: &[u8],
         state: &mut Haggle,
