@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Proc, Refused, STARTUP, scrape};
+use common::{Proc, STARTUP, scrape};
 
 const RAM_UL: &str = env!("CARGO_BIN_EXE_ram-ul");
 const RAM_DL: &str = env!("CARGO_BIN_EXE_ram-dl");
@@ -273,8 +273,8 @@ fn an_unreachable_server_is_a_clear_error_and_leaves_no_swap() {
     if let Some(why) = missing() {
         return eprintln!("skipped: {why}");
     }
-    let nobody = Refused::new();
-    let stderr = ram_dl_fails(&nobody.addr(), &[]);
+    let nobody = r3map_testkit::HeldPort::new();
+    let stderr = ram_dl_fails(&nobody.addr().to_string(), &[]);
     assert!(stderr.contains(&format!("cannot reach the server at {}", nobody.addr())), "{stderr}");
 }
 

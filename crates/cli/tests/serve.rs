@@ -13,7 +13,7 @@ use r3map_core::{Backend, Memory};
 use r3map_net::RemoteBackend;
 
 mod common;
-use common::{Gate, Proc, Refused, Relay, STARTUP, Upstream, scrape};
+use common::{Gate, Proc, Relay, STARTUP, Upstream, scrape};
 
 const R3MAP: &str = env!("CARGO_BIN_EXE_r3map");
 const RAM_UL: &str = env!("CARGO_BIN_EXE_ram-ul");
@@ -835,10 +835,10 @@ fn a_redis_store_is_served_and_outlives_the_server() {
     again.interrupt();
     assert!(again.wait(STARTUP).success());
     // An unreachable store fails at once, with the URL in the message.
-    let nobody = Refused::new();
+    let nobody = r3map_testkit::HeldPort::new();
     let dead = format!("redis://{}/0?size=1MiB", nobody.addr());
     let out = run(R3MAP, &["serve", &dead, "--unix", &socket]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot open the backend") && err.contains(&nobody.addr()), "{err}");
+    assert!(err.contains("cannot open the backend") && err.contains(&nobody.addr().to_string()), "{err}");
 }

@@ -3,7 +3,6 @@
 //! dies before finalize; a chain A → B → C, by hand and with the one-step `Migrator`.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -16,6 +15,7 @@ use r3map_net::client::Address;
 use r3map_net::{
     ClientOptions, ClientSecurity, Export, RemoteBackend, Server, ServerConfig, ServerHandle, ServerSecurity,
 };
+use r3map_testkit::HeldPort;
 
 const SIZE: u64 = 16 << 20;
 const CHUNK: u64 = 64 * 1024;
@@ -126,40 +126,12 @@ fn serve<B: Backend + 'static>(source: Arc<Source<B>>) -> ServerHandle {
     .unwrap()
 }
 
-/// A loopback port that stays this test's after its server shut down: a socket bound to it
-/// without listening holds it, so the destination's reconnections are refused, and cannot reach
-/// a server another test started on the same port. Its sockets have `SO_REUSEPORT`, which lets
-/// the server's listener share the port with the one that holds it.
-struct HeldPort {
-    addr: SocketAddr,
-    _hold: tokio::net::TcpSocket,
-}
-
-impl HeldPort {
-    fn new() -> Self {
-        let hold = reuse_port_socket();
-        hold.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        Self { addr: hold.local_addr().unwrap(), _hold: hold }
-    }
-
-    /// The source's server, on the port.
-    fn serve<B: Backend + 'static>(&self, source: Arc<Source<B>>) -> ServerHandle {
-        let socket = reuse_port_socket();
-        socket.bind(self.addr).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
-        let listener = {
-            let _guard = runtime.enter();
-            socket.listen(1024).unwrap().into_std().unwrap()
-        };
-        ServerHandle::start_tcp_listener(Server::new(config(source.clone(), source)).unwrap(), listener)
-            .unwrap()
-    }
-}
-
-fn reuse_port_socket() -> tokio::net::TcpSocket {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseport(true).unwrap();
-    socket
+/// The source's server on a held port (`r3map_testkit::HeldPort`: the port stays this test's after
+/// the server shut down, so the destination's reconnections are refused and cannot reach a server
+/// another test started on it).
+fn serve_on<B: Backend + 'static>(port: &HeldPort, source: Arc<Source<B>>) -> ServerHandle {
+    let config = config(source.clone(), source);
+    ServerHandle::start_tcp_listener(Server::new(config).unwrap(), port.listener().unwrap()).unwrap()
 }
 
 fn connect(server: &ServerHandle, timeout: Duration) -> Arc<RemoteBackend> {
@@ -343,7 +315,7 @@ fn a_source_that_dies_before_finalize_fails_the_destination_only() {
     let app_memory = Arc::new(random_memory(3));
     let source = Arc::new(Source::new(Arc::clone(&app_memory), CHUNK, SourceHooks::default()).unwrap());
     let port = HeldPort::new();
-    let server = port.serve(Arc::clone(&source));
+    let server = serve_on(&port, Arc::clone(&source));
     let writer = Writer::start(source.clone(), 4, SIZE);
     // The deadline the calls to the gone source fail at.
     let remote = connect(&server, Duration::from_secs(5));
@@ -591,7 +563,7 @@ fn a_source_lost_for_good_during_postcopy_is_reported() {
     let gated = Arc::new(GatedReads::new(Arc::clone(&app_memory), 8));
     let source = Arc::new(Source::new(Arc::clone(&gated), CHUNK, SourceHooks::default()).unwrap());
     let port = HeldPort::new();
-    let server = port.serve(Arc::clone(&source));
+    let server = serve_on(&port, Arc::clone(&source));
     // The deadline the calls to the gone source fail at.
     let remote = connect(&server, Duration::from_secs(5));
     let options = LeecherOptions {

@@ -14,6 +14,7 @@ use r3map_net::{
     ClientOptions, ClientSecurity, Export, RemoteBackend, Server, ServerConfig, ServerHandle, ServerSecurity,
     client_tls, server_tls,
 };
+use r3map_testkit::HeldPort;
 
 const TOKEN: &str = "correct horse battery staple";
 
@@ -34,42 +35,10 @@ fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// A loopback port that stays this test's while no server listens on it, for servers that go
-/// away and come back on the same address: a socket bound to it without listening holds it, so
-/// that no other test on the machine can take it (a client's reconnection could reach that one)
-/// and connections to it are refused. Every socket on it has `SO_REUSEPORT`, which lets the
-/// listeners share the port with the one that holds it.
-struct HeldPort {
-    addr: SocketAddr,
-    _hold: tokio::net::TcpSocket,
-}
-
-impl HeldPort {
-    fn new() -> Self {
-        let hold = reuse_port_socket();
-        hold.bind(any_port()).unwrap();
-        Self { addr: hold.local_addr().unwrap(), _hold: hold }
-    }
-
-    /// A listener on the port; the port stays held when the server that takes it closes it.
-    fn listener(&self) -> std::net::TcpListener {
-        let socket = reuse_port_socket();
-        socket.bind(self.addr).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
-        let _guard = runtime.enter();
-        socket.listen(1024).unwrap().into_std().unwrap()
-    }
-
-    /// A server on the port.
-    fn serve(&self, config: ServerConfig) -> ServerHandle {
-        ServerHandle::start_tcp_listener(Server::new(config).unwrap(), self.listener()).unwrap()
-    }
-}
-
-fn reuse_port_socket() -> tokio::net::TcpSocket {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_reuseport(true).unwrap();
-    socket
+/// A server on a held port (`r3map_testkit::HeldPort`: the port stays this test's while no server
+/// listens on it, so a client's reconnection is refused rather than reaching another test's).
+fn serve_on(port: &HeldPort, config: ServerConfig) -> ServerHandle {
+    ServerHandle::start_tcp_listener(Server::new(config).unwrap(), port.listener().unwrap()).unwrap()
 }
 
 fn start(backend: SharedBackend, security: ServerSecurity, token: Option<&str>) -> ServerHandle {
@@ -460,10 +429,10 @@ fn the_client_rides_out_a_server_restart() {
     let path = dir.path().join("data");
     let port = HeldPort::new();
     let config = |backend| ServerConfig::new(Export::new("default", backend), ServerSecurity::Plaintext);
-    let server = port.serve(config(Arc::new(File::create(&path, 1 << 20).unwrap())));
+    let server = serve_on(&port, config(Arc::new(File::create(&path, 1 << 20).unwrap())));
     let mut options = plain_options(None);
     options.timeout = Duration::from_secs(60);
-    let address = Address::Tcp { host: "127.0.0.1".into(), port: port.addr.port() };
+    let address = Address::Tcp { host: "127.0.0.1".into(), port: port.port() };
     let client = Arc::new(RemoteBackend::connect(address, options).unwrap());
     let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
     client.write_at(&data, 0).unwrap();
@@ -480,8 +449,7 @@ fn the_client_rides_out_a_server_restart() {
     // The client reconnects only to send something: a connection here means the read was sent
     // while nothing listened (its attempts until now were refused). Closing it unanswered is one
     // more failed attempt.
-    let listener = port.listener();
-    listener.set_nonblocking(false).unwrap();
+    let listener = port.listener().unwrap();
     let (attempted, attempt) = mpsc::channel();
     std::thread::spawn(move || {
         let accepted = listener.accept().map(drop);
@@ -500,8 +468,10 @@ fn the_client_rides_out_a_server_restart() {
 fn a_restarted_server_whose_memory_is_gone_is_an_error_not_zeroes() {
     let volatile = |backend: Arc<Memory>| Export::new("default", backend).volatile();
     let port = HeldPort::new();
-    let server =
-        port.serve(ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext));
+    let server = serve_on(
+        &port,
+        ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext),
+    );
     let mut options = plain_options(None);
     options.timeout = Duration::from_secs(60);
     let client = RemoteBackend::connect(tcp(&server), options).unwrap();
@@ -510,8 +480,10 @@ fn a_restarted_server_whose_memory_is_gone_is_an_error_not_zeroes() {
     server.shutdown().unwrap();
 
     // The same size and chunk size, on the same address: only the instance tells it apart.
-    let _restarted =
-        port.serve(ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext));
+    let _restarted = serve_on(
+        &port,
+        ServerConfig::new(volatile(Arc::new(Memory::new(1 << 20))), ServerSecurity::Plaintext),
+    );
     let mut buf = [0u8; 4096];
     let err = client.read_at(&mut buf, 0).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionAborted, "{err}");
@@ -523,10 +495,10 @@ fn a_restarted_server_whose_memory_is_gone_is_an_error_not_zeroes() {
 fn a_server_that_never_comes_back_is_a_timeout() {
     // The port stays held: reconnecting is refused until the deadline, whatever else runs.
     let port = HeldPort::new();
-    let server = port.serve(ServerConfig::new(
-        Export::new("default", Arc::new(Memory::new(4096))),
-        ServerSecurity::Plaintext,
-    ));
+    let server = serve_on(
+        &port,
+        ServerConfig::new(Export::new("default", Arc::new(Memory::new(4096))), ServerSecurity::Plaintext),
+    );
     let mut options = plain_options(None);
     options.timeout = Duration::from_millis(500);
     let client = RemoteBackend::connect(tcp(&server), options).unwrap();

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -161,29 +161,6 @@ impl Drop for Proc {
 pub(crate) fn tcp_of(ready: &str) -> String {
     let (_, after) = ready.rsplit_once(") on ").expect("a TCP address in the ready line");
     after.split(' ').next().unwrap().to_owned()
-}
-
-/// An address on this host that refuses every connection for as long as this lives: a socket
-/// bound to a port the kernel picked, which never listens. Nobody else can listen on that port
-/// meanwhile, so a connection to it is refused whatever else runs on the machine.
-pub(crate) struct Refused {
-    _socket: rustix::fd::OwnedFd,
-    addr: SocketAddr,
-}
-
-impl Refused {
-    pub(crate) fn new() -> Self {
-        use rustix::net::{AddressFamily, SocketType, bind, getsockname, socket};
-        let socket = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-        bind(&socket, &SocketAddrV4::new([127, 0, 0, 1].into(), 0)).unwrap();
-        let addr = SocketAddr::try_from(getsockname(&socket).unwrap()).unwrap();
-        Self { _socket: socket, addr }
-    }
-
-    /// `127.0.0.1:PORT`.
-    pub(crate) fn addr(&self) -> String {
-        self.addr.to_string()
-    }
 }
 
 /// A TCP relay on a port of its own to the server of the moment, so that clients keep one

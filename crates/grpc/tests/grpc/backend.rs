@@ -12,7 +12,9 @@ use r3map_grpc::proto::mount::{ReadAtArgs, SyncArgs, WriteAtArgs};
 use r3map_grpc::{DEFAULT_MAX_READ, GrpcBackend, GrpcClientOptions, GrpcExport, GrpcServer};
 use tonic::Code;
 
-use crate::{HeldPort, Served, any_port, http, runtime, shared};
+use r3map_testkit::HeldPort;
+
+use crate::{Served, any_port, http, runtime, shared};
 
 #[test]
 fn conformance_with_default_options() {
@@ -339,7 +341,7 @@ fn shutdown_finishes_calls_in_flight_then_flushes() {
     let held = Arc::new(HeldWrites::new(1 << 20));
     // The port stays held after the server closes it: the client's reconnections are refused.
     let port = HeldPort::new();
-    let server = GrpcServer::start_listener(port.listener(), GrpcExport::new(held.clone())).unwrap();
+    let server = GrpcServer::start_listener(port.listener().unwrap(), GrpcExport::new(held.clone())).unwrap();
     let client = GrpcBackend::connect(&http(&server), 1 << 20, GrpcClientOptions::default()).unwrap();
     std::thread::scope(|s| {
         let writer = s.spawn(|| client.write_at(&[5u8; 100], 0));
@@ -383,7 +385,7 @@ fn connecting_to_nothing_fails_quickly_with_the_cause() {
     let port = HeldPort::new();
     // Refused at once: a client that waited for its deadline would fail with TimedOut instead.
     let options = GrpcClientOptions { timeout: Duration::from_secs(60), ..GrpcClientOptions::default() };
-    let err = GrpcBackend::connect(&format!("http://{}", port.addr), 1, options).unwrap_err();
+    let err = GrpcBackend::connect(&format!("http://{}", port.addr()), 1, options).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     assert!(err.to_string().starts_with("cannot connect to http://127.0.0.1:"), "{err}");
 }

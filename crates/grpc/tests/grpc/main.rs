@@ -26,38 +26,6 @@ pub(crate) fn http(server: &GrpcServer) -> String {
     format!("http://{}", server.local_addr())
 }
 
-/// A loopback port that stays this test's while no server listens on it: a socket bound to it
-/// without listening holds it, so connections to it are refused and no other test on the
-/// machine can take it (a client that reconnects could reach that one). Its sockets have
-/// `SO_REUSEPORT`, which lets a listener share the port with the one that holds it.
-pub(crate) struct HeldPort {
-    pub(crate) addr: SocketAddr,
-    _hold: tokio::net::TcpSocket,
-}
-
-impl HeldPort {
-    pub(crate) fn new() -> Self {
-        let hold = reuse_port_socket();
-        hold.bind(any_port()).expect("bind");
-        Self { addr: hold.local_addr().expect("address"), _hold: hold }
-    }
-
-    /// A listener on the port; the port stays held when the server that takes it closes it.
-    pub(crate) fn listener(&self) -> std::net::TcpListener {
-        let socket = reuse_port_socket();
-        socket.bind(self.addr).expect("bind");
-        let runtime = runtime();
-        let _guard = runtime.enter();
-        socket.listen(1024).expect("listen").into_std().expect("a std listener")
-    }
-}
-
-fn reuse_port_socket() -> tokio::net::TcpSocket {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_reuseport(true).expect("SO_REUSEPORT");
-    socket
-}
-
 /// A client and the server it talks to, as one backend: dropping it drops the client first, then
 /// shuts the server down.
 pub(crate) struct Served {
