@@ -10,11 +10,11 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use r3map_core::{Backend, Capabilities, Chunk, Extent, Memory, Seeder, Tracked, conformance};
+use r3map_core::{Backend, Chunk, Memory, Seeder, Tracked, conformance};
 use r3map_grpc::{GrpcBackend, GrpcClientOptions, GrpcExport, GrpcSeeder, GrpcServer};
 use r3map_testkit::Daemon;
 
-use crate::{any_port, shared};
+use crate::{Served, any_port, shared};
 
 /// Where Debian's Go packages put their sources.
 const DEBIAN_GOPATH: &str = "/usr/share/gocode";
@@ -263,52 +263,17 @@ fn the_go_client_migrates_from_our_seeder() {
     assert!(!tracked.inner.is_tracking(), "Sync stopped tracking");
 }
 
-/// Our client and the Go server it talks to, as one backend: dropping it drops the client, then
-/// kills the server.
-struct GoServed {
-    client: GrpcBackend,
-    _server: Daemon,
-}
-
-impl GoServed {
-    fn start(peer: &GoPeer, size: u64) -> Self {
-        let (server, addr) = peer.server(size);
-        let client = GrpcBackend::connect(&format!("http://{addr}"), size, go_options()).unwrap();
-        Self { client, _server: server }
-    }
-}
-
-impl Backend for GoServed {
-    fn size(&self) -> u64 {
-        self.client.size()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.client.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.client.write_at(buf, off)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.client.flush()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.client.capabilities()
-    }
-    fn trim(&self, off: u64, len: u64) -> io::Result<()> {
-        self.client.trim(off, len)
-    }
-    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
-        self.client.write_zeroes(off, len)
-    }
-    fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
-        self.client.extents(off, len)
-    }
+/// Our client on a Go server of its own.
+fn go_served(peer: &GoPeer, size: u64) -> Served<Daemon> {
+    let (server, addr) = peer.server(size);
+    let client = GrpcBackend::connect(&format!("http://{addr}"), size, go_options()).unwrap();
+    Served { client, _server: server }
 }
 
 #[test]
 fn our_client_passes_conformance_against_the_go_server() {
     let Some(peer) = GoPeer::build() else { return };
-    conformance::run(&|size| shared(GoServed::start(&peer, size)));
+    conformance::run(&|size| shared(go_served(&peer, size)));
 }
 
 #[test]

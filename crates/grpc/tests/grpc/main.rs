@@ -26,11 +26,11 @@ pub(crate) fn http(server: &GrpcServer) -> String {
     format!("http://{}", server.local_addr())
 }
 
-/// A client and the server it talks to, as one backend: dropping it drops the client first, then
-/// shuts the server down.
-pub(crate) struct Served {
-    client: GrpcBackend,
-    _server: GrpcServer,
+/// A client and the server it talks to (ours, or a Go peer's process), as one backend: dropping
+/// it drops the client first, then shuts the server down.
+pub(crate) struct Served<S = GrpcServer> {
+    pub(crate) client: GrpcBackend,
+    pub(crate) _server: S,
 }
 
 impl Served {
@@ -42,7 +42,7 @@ impl Served {
     }
 }
 
-impl Backend for Served {
+impl<S: Send + Sync> Backend for Served<S> {
     fn size(&self) -> u64 {
         self.client.size()
     }
