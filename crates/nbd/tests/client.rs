@@ -416,25 +416,38 @@ fn requests_wait_through_a_server_restart() {
         let server = NbdServer::new(vec![export("disk", memory)]).expect("valid exports");
         Served::start(server, Listen::UnixListener(listener.try_clone().expect("a clone")))
     };
-    let mut server = serve(Arc::clone(&memory));
+    let server = serve(Arc::clone(&memory));
     let client = open(&server.uri("disk", "timeout=20"));
+    let accept = || {
+        listener.set_nonblocking(false)?;
+        listener.accept().map(drop)
+    };
+    requests_wait_through(server, &client, &memory, accept, || serve(Arc::clone(&memory)));
+}
+
+/// Stops `server`; then a read and a write the client sends while nothing serves it are
+/// answered by the server `serve` starts, once the client has tried to reconnect and been
+/// turned away (`accept` takes that attempt on the test's clone of the listener and closes it).
+fn requests_wait_through(
+    mut server: Served,
+    client: &NbdBackend,
+    memory: &Memory,
+    accept: impl FnOnce() -> io::Result<()> + Send,
+    serve: impl FnOnce() -> Served,
+) {
     client.write_at(b"before", 0).unwrap();
     server.stop();
     std::thread::scope(|s| {
-        // Sent while nothing serves the socket: answered once a server is back.
         let requests = s.spawn(|| {
-            let before = read(&client, 0, 6);
+            let before = read(client, 0, 6);
             client.write_at(b"after", 6).unwrap();
             before
         });
-        take_a_reconnect_attempt(|| {
-            listener.set_nonblocking(false)?;
-            listener.accept().map(drop)
-        });
-        let _server = serve(Arc::clone(&memory));
+        take_a_reconnect_attempt(accept);
+        let _server = serve();
         assert_eq!(requests.join().expect("no panic"), b"before");
     });
-    assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
+    assert_eq!(read(memory, 0, 11), b"beforeafter");
 }
 
 /// With the server stopped, takes the client's next connection on the test's own clone of the
@@ -675,26 +688,14 @@ fn requests_wait_through_a_tls_server_restart() {
         let listen = Listen::TcpListener(listener.try_clone().expect("a clone"));
         Served::start(pki.server(vec![export("disk", memory)], true), listen)
     };
-    let mut server = serve(Arc::clone(&memory));
+    let server = serve(Arc::clone(&memory));
     let client = open(&nbds(&server, "disk", &format!("{}&timeout=20", pki.directory())));
-    client.write_at(b"before", 0).unwrap();
-    server.stop();
-    std::thread::scope(|s| {
-        // Sent while nothing serves the port: answered once a server is back, over a new TLS
-        // session.
-        let requests = s.spawn(|| {
-            let before = read(&client, 0, 6);
-            client.write_at(b"after", 6).unwrap();
-            before
-        });
-        take_a_reconnect_attempt(|| {
-            listener.set_nonblocking(false)?;
-            listener.accept().map(drop)
-        });
-        let _server = serve(Arc::clone(&memory));
-        assert_eq!(requests.join().expect("no panic"), b"before");
-    });
-    assert_eq!(read(memory.as_ref(), 0, 11), b"beforeafter");
+    let accept = || {
+        listener.set_nonblocking(false)?;
+        listener.accept().map(drop)
+    };
+    // Answered over a new TLS session.
+    requests_wait_through(server, &client, &memory, accept, || serve(Arc::clone(&memory)));
 }
 
 #[test]
