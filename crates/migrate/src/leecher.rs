@@ -89,7 +89,6 @@ pub struct Finalized {
 /// the source is out of date by design.
 pub struct Leecher {
     remote: Arc<dyn Seeder>,
-    synced: Arc<Synced>,
     /// The pull, unfinalized until [`Leecher::finalize`]; nothing is pushed.
     managed: Managed,
     frontend: Arc<Locked<Arc<Synced>>>,
@@ -101,8 +100,8 @@ pub struct Leecher {
 impl fmt::Debug for Leecher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Leecher")
-            .field("size", &self.synced.geometry().size())
-            .field("chunk_size", &self.synced.geometry().chunk_size())
+            .field("size", &self.managed.synced().geometry().size())
+            .field("chunk_size", &self.managed.synced().geometry().chunk_size())
             .field("progress", &self.progress())
             .field("options", &self.options)
             .finish_non_exhaustive()
@@ -155,10 +154,9 @@ impl Leecher {
         let pull = Some(PullerOptions { finalized: false, ..puller });
         let managed =
             Managed::start(data, local, ManagedOptions { synced: synced_options, pull, push: None })?;
-        let synced = Arc::clone(managed.synced());
         let options = Rounds { max_rounds, target_dirty, poll };
-        let frontend = Arc::new(Locked::new(Arc::clone(&synced), true));
-        Ok(Self { remote, synced, managed, frontend, options, hooks, finalized: Mutex::new(false) })
+        let frontend = Arc::new(Locked::new(Arc::clone(managed.synced()), true));
+        Ok(Self { remote, managed, frontend, options, hooks, finalized: Mutex::new(false) })
     }
 
     /// The destination's view of the resource: blocked until [`Leecher::finalize`].
@@ -182,7 +180,7 @@ impl Leecher {
     /// # Errors
     /// The pull gave up (the source is gone).
     pub fn wait_caught_up(&self) -> io::Result<()> {
-        while !self.synced.is_complete() {
+        while !self.managed.synced().is_complete() {
             if let Some(failed) = self.progress().failed {
                 return Err(io::Error::other(format!("the pull from the source failed: {failed}")));
             }
@@ -201,7 +199,7 @@ impl Leecher {
     fn first_copy(&self) -> io::Result<Vec<Chunk>> {
         let mut carried = Vec::new();
         let mut next_round = Some(Instant::now() + FIRST_COPY_ROUNDS);
-        while !self.synced.is_complete() {
+        while !self.managed.synced().is_complete() {
             if let Some(failed) = self.progress().failed {
                 return Err(io::Error::other(format!("the pull from the source failed: {failed}")));
             }
@@ -210,8 +208,8 @@ impl Leecher {
                 match self.remote.take_dirty() {
                     Ok(dirty) => {
                         let (copied, pending): (Vec<Chunk>, Vec<Chunk>) =
-                            dirty.into_iter().partition(|&c| self.synced.is_local(c));
-                        self.synced.mark_remote(pending);
+                            dirty.into_iter().partition(|&c| self.managed.synced().is_local(c));
+                        self.managed.synced().mark_remote(pending);
                         carried.extend(copied);
                     }
                     // A source without rounds: the first round after the copy has them all.
@@ -241,7 +239,7 @@ impl Leecher {
         // What the source cleared during the copy but the copy already had is pulled again now,
         // whatever the rounds below do: the source will not report it again.
         if !carried.is_empty() {
-            self.synced.mark_remote(carried.iter().copied());
+            self.managed.synced().mark_remote(carried.iter().copied());
             self.puller().prioritize(carried);
             self.wait_caught_up()?;
         }
@@ -255,7 +253,7 @@ impl Leecher {
                 Err(e) => return Err(e),
             };
             let n = dirty.len();
-            self.synced.mark_remote(dirty.iter().copied());
+            self.managed.synced().mark_remote(dirty.iter().copied());
             self.puller().prioritize(dirty);
             self.wait_caught_up()?;
             rounds.push(Round { dirty: n, took: started.elapsed() });
@@ -288,7 +286,7 @@ impl Leecher {
         if let Some(hook) = &self.hooks.on_after_sync {
             hook(&dirty);
         }
-        self.synced.mark_remote(dirty.iter().copied());
+        self.managed.synced().mark_remote(dirty.iter().copied());
         self.puller().finalize(&dirty);
         self.frontend.unlock();
         *done = true;
@@ -314,7 +312,7 @@ impl Leecher {
     /// not told and keeps its state), or the source's `close` failed.
     pub fn close(mut self) -> io::Result<SharedBackend> {
         let finalized = *self.finalized.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !finalized || !self.synced.is_complete() {
+        if !finalized || !self.managed.synced().is_complete() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "the migration is not finished: finalize and wait for the pull first",
@@ -322,7 +320,7 @@ impl Leecher {
         }
         self.managed.stop_pull();
         self.remote.close()?;
-        Ok(Arc::clone(self.synced.local()))
+        Ok(Arc::clone(self.managed.synced().local()))
     }
 }
 

@@ -183,8 +183,8 @@ impl Mount {
             max_request: managed.pull_request.max(managed.chunk_size),
             on_chunk_local: hooks.on_chunk_local.clone(),
         };
+        let chunks = r3map_core::Geometry::new(remote.size(), managed.chunk_size)?.chunks();
         let pull = managed.pull.then(|| {
-            let chunks = remote.size().div_ceil(managed.chunk_size.max(1));
             let order = managed.pull_priority.map(|p| {
                 Box::new(ByPriority::new(chunks, p)) as Box<dyn r3map_core::pipeline::puller::PullOrder>
             });
