@@ -123,43 +123,157 @@ fn unsupported(verb: &str) -> io::Error {
 /// A shared, type-erased backend: what layers wrap and stacks are built from at run time.
 pub type SharedBackend = Arc<dyn Backend>;
 
+/// Writes the [`Backend`] verbs a wrapper does not change, each passing its call on unchanged to
+/// the backend it wraps, so that the wrapper's `impl Backend` holds only the verbs it changes
+/// (as an nbdkit filter writes only the callbacks it changes).
+///
+/// Invoked inside `impl Backend for ...`:
+/// - `forward_backend!(inner);` forwards every verb to the field `self.inner`;
+/// - `forward_backend!(inner, except read_at, trim);` forwards every verb but those listed, which
+///   the impl writes itself.
+///
+/// `read_many` follows `read_at`: a wrapper that lists `read_at` keeps the default `read_many`,
+/// which calls the wrapper's own `read_at` for each range, so a batch never goes around what the
+/// wrapper does to a read. List `read_many` too to send batches on whole (as
+/// [`Delay`](crate::Delay) and [`Locked`](crate::Locked) do).
+///
+/// A name in the list that is not a verb of the trait fails to compile, and so does a verb that
+/// is written by hand but not listed (it is defined twice). A verb that is listed but not
+/// written gets the trait's default (`Unsupported` for the optional verbs). The forwarding
+/// methods are `#[inline]` calls through the inner type, so a stack of concrete layers pays no
+/// dynamic dispatch. [`layers`](crate::layers) shows a whole layer.
+#[macro_export]
 macro_rules! forward_backend {
-    ($ty:ty) => {
-        impl<B: Backend + ?Sized> Backend for $ty {
-            fn size(&self) -> u64 {
-                (**self).size()
-            }
-            fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-                (**self).read_at(buf, off)
-            }
-            fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
-                (**self).read_many(reads)
-            }
-            fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-                (**self).write_at(buf, off)
-            }
-            fn flush(&self) -> io::Result<()> {
-                (**self).flush()
-            }
-            fn capabilities(&self) -> Capabilities {
-                (**self).capabilities()
-            }
-            fn trim(&self, off: u64, len: u64) -> io::Result<()> {
-                (**self).trim(off, len)
-            }
-            fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
-                (**self).write_zeroes(off, len)
-            }
-            fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
-                (**self).extents(off, len)
-            }
+    ($field:ident $(, except $($verb:ident),+ $(,)?)?) => {
+        $crate::forward_backend!(@check $($($verb)+)?);
+        $crate::forward_backend!(@all [field $field] [$($($verb)+)?]);
+    };
+
+    // Every name in the list is a verb of the trait.
+    (@check) => {};
+    (@check size $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check read_at $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check read_many $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check write_at $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check flush $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check capabilities $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check trim $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check write_zeroes $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check extents $($rest:ident)*) => { $crate::forward_backend!(@check $($rest)*); };
+    (@check $other:ident $($rest:ident)*) => {
+        ::std::compile_error!(::std::concat!(
+            "forward_backend!: `", ::std::stringify!($other), "` is not a verb of Backend"
+        ));
+    };
+
+    // One forwarding method for each verb of the trait that is not excepted.
+    (@all $to:tt $except:tt) => {
+        $crate::forward_backend!(@one $to size $except);
+        $crate::forward_backend!(@one $to read_at $except);
+        $crate::forward_backend!(@one $to read_many $except);
+        $crate::forward_backend!(@one $to write_at $except);
+        $crate::forward_backend!(@one $to flush $except);
+        $crate::forward_backend!(@one $to capabilities $except);
+        $crate::forward_backend!(@one $to trim $except);
+        $crate::forward_backend!(@one $to write_zeroes $except);
+        $crate::forward_backend!(@one $to extents $except);
+    };
+
+    // Looks `verb` up in the except list; forwards it when it is not there.
+    (@one $to:tt $verb:ident []) => { $crate::forward_backend!(@emit $to $verb); };
+    (@one $to:tt size [size $($rest:ident)*]) => {};
+    (@one $to:tt read_at [read_at $($rest:ident)*]) => {};
+    (@one $to:tt read_many [read_many $($rest:ident)*]) => {};
+    (@one $to:tt read_many [read_at $($rest:ident)*]) => {};
+    (@one $to:tt write_at [write_at $($rest:ident)*]) => {};
+    (@one $to:tt flush [flush $($rest:ident)*]) => {};
+    (@one $to:tt capabilities [capabilities $($rest:ident)*]) => {};
+    (@one $to:tt trim [trim $($rest:ident)*]) => {};
+    (@one $to:tt write_zeroes [write_zeroes $($rest:ident)*]) => {};
+    (@one $to:tt extents [extents $($rest:ident)*]) => {};
+    (@one $to:tt $verb:ident [$head:ident $($rest:ident)*]) => {
+        $crate::forward_backend!(@one $to $verb [$($rest)*]);
+    };
+
+    // The wrapped backend, as a reference: a field, or what a smart pointer points to. `self`
+    // comes from the method being written, so that it names that method's receiver.
+    (@to $self:tt [field $field:ident]) => { &$self.$field };
+    (@to $self:tt [deref]) => { &**$self };
+
+    (@emit $to:tt size) => {
+        #[inline]
+        fn size(&self) -> u64 {
+            $crate::backend::Backend::size($crate::forward_backend!(@to self $to))
         }
     };
+    (@emit $to:tt read_at) => {
+        #[inline]
+        fn read_at(&self, buf: &mut [u8], off: u64) -> ::std::io::Result<()> {
+            $crate::backend::Backend::read_at($crate::forward_backend!(@to self $to), buf, off)
+        }
+    };
+    (@emit $to:tt read_many) => {
+        #[inline]
+        fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> ::std::io::Result<()> {
+            $crate::backend::Backend::read_many($crate::forward_backend!(@to self $to), reads)
+        }
+    };
+    (@emit $to:tt write_at) => {
+        #[inline]
+        fn write_at(&self, buf: &[u8], off: u64) -> ::std::io::Result<()> {
+            $crate::backend::Backend::write_at($crate::forward_backend!(@to self $to), buf, off)
+        }
+    };
+    (@emit $to:tt flush) => {
+        #[inline]
+        fn flush(&self) -> ::std::io::Result<()> {
+            $crate::backend::Backend::flush($crate::forward_backend!(@to self $to))
+        }
+    };
+    (@emit $to:tt capabilities) => {
+        #[inline]
+        fn capabilities(&self) -> $crate::backend::Capabilities {
+            $crate::backend::Backend::capabilities($crate::forward_backend!(@to self $to))
+        }
+    };
+    (@emit $to:tt trim) => {
+        #[inline]
+        fn trim(&self, off: u64, len: u64) -> ::std::io::Result<()> {
+            $crate::backend::Backend::trim($crate::forward_backend!(@to self $to), off, len)
+        }
+    };
+    (@emit $to:tt write_zeroes) => {
+        #[inline]
+        fn write_zeroes(&self, off: u64, len: u64) -> ::std::io::Result<()> {
+            $crate::backend::Backend::write_zeroes($crate::forward_backend!(@to self $to), off, len)
+        }
+    };
+    (@emit $to:tt extents) => {
+        #[inline]
+        fn extents(
+            &self,
+            off: u64,
+            len: u64,
+        ) -> ::std::io::Result<::std::vec::Vec<$crate::backend::Extent>> {
+            $crate::backend::Backend::extents($crate::forward_backend!(@to self $to), off, len)
+        }
+    };
+
+    // Smart pointers and references are backends that change nothing.
+    (@deref) => { $crate::forward_backend!(@all [deref] []); };
 }
 
-forward_backend!(Arc<B>);
-forward_backend!(Box<B>);
-forward_backend!(&B);
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    crate::forward_backend!(@deref);
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    crate::forward_backend!(@deref);
+}
+
+impl<B: Backend + ?Sized> Backend for &B {
+    crate::forward_backend!(@deref);
+}
 
 /// Checks that `off..off + len` lies within a backend of `size` bytes.
 ///
