@@ -15,12 +15,18 @@
 //! Closing stops the background pull (requests in flight complete first), stops the background
 //! push and pushes what is still dirty, then flushes the remote: nothing written locally is
 //! left behind unless the final push fails, and then it stays dirty in the local backend.
+//!
+//! The cache is any [`SharedBackend`] ([`Managed::start`]) or a [`Cache`] type of its own
+//! ([`Managed::start_with_cache`]): a frontend that serves the cache's memory itself (a
+//! userfaultfd region) brings a cache that fills without overwriting and reports the writes it
+//! saw, which the pusher collects before every cycle.
 
 use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use crate::backend::SharedBackend;
+use crate::backend::{Backend, SharedBackend};
+use crate::pipeline::cache::Cache;
 use crate::pipeline::puller::PullerOptions;
 use crate::pipeline::pusher::PusherOptions;
 use crate::pipeline::synced::SyncedOptions;
@@ -59,13 +65,13 @@ impl fmt::Debug for ManagedOptions {
 
 /// A remote made usable locally: see the module docs. Dropping it closes it, logging a failed
 /// final push; [`Managed::close`] returns that error instead.
-pub struct Managed {
-    synced: Arc<Synced>,
-    puller: Option<Puller>,
-    pusher: Option<Arc<Pusher>>,
+pub struct Managed<L: Cache + ?Sized + 'static = dyn Backend> {
+    synced: Arc<Synced<L>>,
+    puller: Option<Puller<L>>,
+    pusher: Option<Arc<Pusher<L>>>,
 }
 
-impl fmt::Debug for Managed {
+impl<L: Cache + ?Sized + 'static> fmt::Debug for Managed<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Managed")
             .field("geometry", &self.synced.geometry())
@@ -84,7 +90,21 @@ impl Managed {
     /// `InvalidInput` for bad options (a local backend smaller than the remote, a request smaller
     /// than a chunk); an error starting a background thread.
     pub fn start(remote: SharedBackend, local: SharedBackend, options: ManagedOptions) -> io::Result<Self> {
-        let synced = Arc::new(Synced::new(remote, local, options.synced)?);
+        Self::start_with_cache(remote, local, options)
+    }
+}
+
+impl<L: Cache + ?Sized + 'static> Managed<L> {
+    /// As [`Managed::start`], over a cache of its own type (see [`Synced::with_cache`]).
+    ///
+    /// # Errors
+    /// As [`Managed::start`].
+    pub fn start_with_cache(
+        remote: SharedBackend,
+        local: Arc<L>,
+        options: ManagedOptions,
+    ) -> io::Result<Self> {
+        let synced = Arc::new(Synced::with_cache(remote, local, options.synced)?);
         let puller = options.pull.map(|pull| Puller::start(Arc::clone(&synced), pull)).transpose()?;
         let pusher =
             options.push.map(|push| Pusher::start(Arc::clone(&synced), push).map(Arc::new)).transpose()?;
@@ -102,18 +122,18 @@ impl Managed {
     }
 
     #[must_use]
-    pub fn synced(&self) -> &Arc<Synced> {
+    pub fn synced(&self) -> &Arc<Synced<L>> {
         &self.synced
     }
 
     /// The background pull, until [`Managed::stop_pull`].
     #[must_use]
-    pub fn puller(&self) -> Option<&Puller> {
+    pub fn puller(&self) -> Option<&Puller<L>> {
         self.puller.as_ref()
     }
 
     #[must_use]
-    pub fn pusher(&self) -> Option<&Pusher> {
+    pub fn pusher(&self) -> Option<&Pusher<L>> {
         self.pusher.as_deref()
     }
 
@@ -145,7 +165,7 @@ impl Managed {
     }
 }
 
-impl Drop for Managed {
+impl<L: Cache + ?Sized + 'static> Drop for Managed<L> {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
             tracing::error!(error = %e, "the final push failed; the writes stay dirty in the local backend");
@@ -219,6 +239,20 @@ mod tests {
         assert_eq!(buf, [1u8; 7], "the remote is untouched");
         local.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"overlay");
+    }
+
+    #[test]
+    fn a_cache_of_its_own_type_has_its_written_ranges_pushed_at_close() {
+        let remote = remote_with(&vec![0u8; 8 * 4096]);
+        let cache = Arc::new(crate::pipeline::testutil::Recorder::new(8 * 4096));
+        let managed = Managed::start_with_cache(remote.clone(), Arc::clone(&cache), options()).unwrap();
+        managed.puller().unwrap().wait().unwrap();
+        cache.inner.write_at(b"behind", 3 * 4096).unwrap();
+        cache.behind_the_back.lock().unwrap().push(3 * 4096..3 * 4096 + 6);
+        managed.close().unwrap();
+        let mut on_remote = [0u8; 6];
+        remote.read_at(&mut on_remote, 3 * 4096).unwrap();
+        assert_eq!(&on_remote, b"behind");
     }
 
     #[test]

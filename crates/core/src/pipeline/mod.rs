@@ -1,11 +1,13 @@
-//! The chunk pipeline: lazy copy-on-read ([`Synced`]), background pull ([`Puller`]) and
-//! background write-back ([`Pusher`]), and the stack of all three ([`Managed`]).
+//! The chunk pipeline: lazy copy-on-read ([`Synced`]) into a local [`Cache`], background pull
+//! ([`Puller`]) and background write-back ([`Pusher`]), and the stack of all three ([`Managed`]).
 
+pub mod cache;
 pub mod managed;
 pub mod puller;
 pub mod pusher;
 pub mod synced;
 
+pub use cache::{Cache, Fault};
 pub use managed::{Managed, ManagedOptions};
 pub use puller::Puller;
 pub use pusher::Pusher;

@@ -36,7 +36,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::cache::Cache;
 use super::synced::Synced;
+use crate::backend::Backend;
 use crate::geometry::Chunk;
 
 /// The order in which the background pull visits chunks. Implement it to pull by a priority of
@@ -190,8 +192,8 @@ struct Queue {
     failed: Option<(io::ErrorKind, String)>,
 }
 
-struct Shared {
-    synced: Arc<Synced>,
+struct Shared<L: Cache + ?Sized + 'static> {
+    synced: Arc<Synced<L>>,
     queue: Mutex<Queue>,
     cv: Condvar,
     /// Largest number of workers (`PullerOptions::depth`).
@@ -207,13 +209,13 @@ struct Shared {
 }
 
 /// Background pull of a [`Synced`] layer. See the module docs. Dropping it stops the workers.
-pub struct Puller {
-    shared: Arc<Shared>,
+pub struct Puller<L: Cache + ?Sized + 'static = dyn Backend> {
+    shared: Arc<Shared<L>>,
     /// Workers joined so far (`close` and then `Drop` both stop).
     joined: usize,
 }
 
-impl fmt::Debug for Puller {
+impl<L: Cache + ?Sized + 'static> fmt::Debug for Puller<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Puller").field("progress", &self.progress()).finish()
     }
@@ -226,13 +228,13 @@ enum Work {
     Exit,
 }
 
-impl Puller {
+impl<L: Cache + ?Sized + 'static> Puller<L> {
     /// Starts the first worker; it starts the others as the depth allows, up to `options.depth`
     /// (so a caller never waits for thread creation beyond the first).
     ///
     /// # Errors
     /// `InvalidInput` for a zero depth or a request smaller than a chunk; an error spawning threads.
-    pub fn start(synced: Arc<Synced>, options: PullerOptions) -> io::Result<Self> {
+    pub fn start(synced: Arc<Synced<L>>, options: PullerOptions) -> io::Result<Self> {
         let chunk_size = synced.geometry().chunk_size();
         super::check_workers("pull", options.depth, options.request_size, chunk_size)?;
         let chunks = synced.geometry().chunks();
@@ -402,7 +404,7 @@ impl Puller {
     }
 }
 
-impl Drop for Puller {
+impl<L: Cache + ?Sized + 'static> Drop for Puller<L> {
     fn drop(&mut self) {
         self.stop();
     }
@@ -418,7 +420,7 @@ fn queue_first(q: &mut Queue, chunks: impl IntoIterator<Item = Chunk>) {
     q.done = false;
 }
 
-fn next_work(shared: &Shared, q: &mut Queue) -> Work {
+fn next_work<L: Cache + ?Sized + 'static>(shared: &Shared<L>, q: &mut Queue) -> Work {
     if q.stop || q.failed.is_some() {
         return Work::Exit;
     }
@@ -489,14 +491,17 @@ fn next_work(shared: &Shared, q: &mut Queue) -> Work {
 /// of 1 GiB fell to 0.7 GB/s from 1.3 to 2.3 GB/s at nice 19, its fault handlers spinning).
 const BACKGROUND_NICENESS: i32 = 19;
 
-fn spawn_worker(shared: &Arc<Shared>, index: usize) -> io::Result<JoinHandle<()>> {
+fn spawn_worker<L: Cache + ?Sized + 'static>(
+    shared: &Arc<Shared<L>>,
+    index: usize,
+) -> io::Result<JoinHandle<()>> {
     let for_worker = Arc::clone(shared);
     std::thread::Builder::new().name(format!("r3map-pull-{index}")).spawn(move || worker(&for_worker))
 }
 
 /// Starts one more worker if the depth allows it; called with the queue unlocked. Each worker
 /// calls it when it starts, so one call starts a chain of as many as the depth allows.
-fn grow(shared: &Arc<Shared>) {
+fn grow<L: Cache + ?Sized + 'static>(shared: &Arc<Shared<L>>) {
     let index = {
         let mut q = shared.queue.lock().expect("puller queue lock");
         if q.stop || q.workers >= q.limit.min(shared.depth) {
@@ -517,7 +522,7 @@ fn grow(shared: &Arc<Shared>) {
     }
 }
 
-fn worker(shared: &Arc<Shared>) {
+fn worker<L: Cache + ?Sized + 'static>(shared: &Arc<Shared<L>>) {
     // Background work yields to the application and the frontend: on a small machine a pull at
     // full speed would otherwise delay the very reads it exists to speed up. Best effort.
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICENESS);
@@ -566,7 +571,7 @@ struct Failures {
 }
 
 impl Failures {
-    fn new(shared: &Shared) -> Self {
+    fn new<L: Cache + ?Sized + 'static>(shared: &Shared<L>) -> Self {
         Self { in_a_row: 0, backoff: shared.retry_backoff }
     }
 }
@@ -575,8 +580,8 @@ impl Failures {
 /// item: a failed item's chunks go back to the pool, and the retry may find them taken by another
 /// worker (nothing to do, which is neither a success nor a failure), so a count per item would
 /// never reach `max_attempts` while the workers trade the same dead chunks.
-fn pull_with_retries(
-    shared: &Shared,
+fn pull_with_retries<L: Cache + ?Sized + 'static>(
+    shared: &Shared<L>,
     runs: &[Range<u64>],
     scratch: &mut Vec<u8>,
     failures: &mut Failures,

@@ -1,6 +1,8 @@
 //! [`Pusher`]: background write-back of a [`Synced`] layer's dirty chunks to its remote.
 //!
-//! A push cycle walks the dirty bitmap, merges adjacent dirty chunks into writes of up to
+//! A push cycle first marks dirty what the local cache saw written behind the [`Synced`] layer's
+//! back ([`Cache::take_written`]: a mapping's write-protect tracking, say; nothing for a plain
+//! cache), then walks the dirty bitmap, merges adjacent dirty chunks into writes of up to
 //! `request_size` bytes and sends up to `depth` of them at once. Cycles run every `interval`, on
 //! [`Pusher::push`], on `flush` (the pusher is the managed stack's [`Backend`]: reads and writes
 //! go to the [`Synced`] layer, and `flush` pushes everything dirty, then flushes the remote), and a
@@ -20,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::cache::Cache;
 use super::synced::Synced;
 use crate::backend::{Backend, Capabilities};
 
@@ -66,8 +69,8 @@ pub struct PushCycle {
     pub requests: u64,
 }
 
-struct Shared {
-    synced: Arc<Synced>,
+struct Shared<L: Cache + ?Sized + 'static> {
+    synced: Arc<Synced<L>>,
     options: PusherOptions,
     max_chunks: u64,
     /// Held for the whole of a cycle: one cycle at a time.
@@ -85,23 +88,23 @@ struct Control {
 }
 
 /// Background write-back of a [`Synced`] layer; also the managed stack's [`Backend`].
-pub struct Pusher {
-    shared: Arc<Shared>,
+pub struct Pusher<L: Cache + ?Sized + 'static = dyn Backend> {
+    shared: Arc<Shared<L>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl fmt::Debug for Pusher {
+impl<L: Cache + ?Sized + 'static> fmt::Debug for Pusher<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pusher").field("progress", &self.progress()).finish()
     }
 }
 
-impl Pusher {
+impl<L: Cache + ?Sized + 'static> Pusher<L> {
     /// Starts the background thread.
     ///
     /// # Errors
     /// `InvalidInput` for a zero depth or a request smaller than a chunk; an error spawning the thread.
-    pub fn start(synced: Arc<Synced>, options: PusherOptions) -> io::Result<Self> {
+    pub fn start(synced: Arc<Synced<L>>, options: PusherOptions) -> io::Result<Self> {
         let chunk_size = synced.geometry().chunk_size();
         super::check_workers("push", options.depth, options.request_size, chunk_size)?;
         let shared = Arc::new(Shared {
@@ -120,15 +123,17 @@ impl Pusher {
     }
 
     #[must_use]
-    pub fn synced(&self) -> &Arc<Synced> {
+    pub fn synced(&self) -> &Arc<Synced<L>> {
         &self.shared.synced
     }
 
-    /// Pushes every chunk that is dirty now (and any dirtied while the cycle runs, if the walk has
-    /// not passed them yet); waits for a cycle already running first.
+    /// Pushes every chunk that is dirty now, with what the cache reports written behind the
+    /// layer's back (and any dirtied while the cycle runs, if the walk has not passed them yet);
+    /// waits for a cycle already running first.
     ///
     /// # Errors
-    /// The first failed write; its chunks, and those not reached, stay dirty.
+    /// The cache's error finding its written ranges; the first failed write: its chunks, and
+    /// those not reached, stay dirty.
     pub fn push(&self) -> io::Result<PushCycle> {
         self.shared.cycle()
     }
@@ -165,7 +170,7 @@ impl Pusher {
     }
 }
 
-impl Drop for Pusher {
+impl<L: Cache + ?Sized + 'static> Drop for Pusher<L> {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.stop_thread();
@@ -176,9 +181,13 @@ impl Drop for Pusher {
     }
 }
 
-impl Shared {
+impl<L: Cache + ?Sized + 'static> Shared<L> {
     fn cycle(&self) -> io::Result<PushCycle> {
         let _one_at_a_time = self.cycle.lock().expect("pusher cycle lock");
+        if let Err(e) = self.synced.collect_written() {
+            self.failed(&e);
+            return Err(e);
+        }
         let mut dirty = self.synced.dirty_runs(self.max_chunks).peekable();
         if dirty.peek().is_none() {
             self.cycles.fetch_add(1, Ordering::Relaxed);
@@ -213,19 +222,24 @@ impl Shared {
                 });
             }
         });
-        self.cycles.fetch_add(1, Ordering::Relaxed);
-        let mut control = self.control.lock().expect("pusher control lock");
         if let Some(e) = first_error.into_inner().expect("push error lock") {
-            self.failed_cycles.fetch_add(1, Ordering::Relaxed);
-            control.last_error = Some(e.to_string());
+            self.failed(&e);
             return Err(e);
         }
-        control.last_error = None;
+        self.cycles.fetch_add(1, Ordering::Relaxed);
+        self.control.lock().expect("pusher control lock").last_error = None;
         Ok(PushCycle { chunks: chunks.into_inner(), requests: requests.into_inner() })
+    }
+
+    /// Counts a cycle that failed with `e`.
+    fn failed(&self, e: &io::Error) {
+        self.cycles.fetch_add(1, Ordering::Relaxed);
+        self.failed_cycles.fetch_add(1, Ordering::Relaxed);
+        self.control.lock().expect("pusher control lock").last_error = Some(e.to_string());
     }
 }
 
-fn background(shared: &Shared) {
+fn background<L: Cache + ?Sized + 'static>(shared: &Shared<L>) {
     let interval = shared.options.interval;
     let mut wait = interval;
     loop {
@@ -249,7 +263,7 @@ fn background(shared: &Shared) {
     }
 }
 
-impl Backend for Pusher {
+impl<L: Cache + ?Sized + 'static> Backend for Pusher<L> {
     fn size(&self) -> u64 {
         self.shared.synced.size()
     }
@@ -292,7 +306,7 @@ mod tests {
     use crate::backends::Memory;
     use crate::geometry::Chunk;
     use crate::pipeline::synced::SyncedOptions;
-    use crate::pipeline::testutil::{Probe, contents, pattern, wait_until};
+    use crate::pipeline::testutil::{Probe, Recorder, contents, pattern, wait_until};
 
     const CS: u64 = 64 * 1024;
 
@@ -404,6 +418,21 @@ mod tests {
         wait_until("the retried push", || contents(&remote.inner) == vec![3u8; 4096]);
         // One cycle at a time, and a failed one is counted before the next starts.
         assert!(pusher.progress().failed_cycles >= 5);
+    }
+
+    #[test]
+    fn a_cycle_pushes_what_the_cache_saw_written_behind_the_layers_back() {
+        let remote = Arc::new(Probe::with_data(&vec![0u8; (2 * CS) as usize]));
+        let cache = Arc::new(Recorder::new(2 * CS));
+        let opts = SyncedOptions { chunk_size: CS, ..SyncedOptions::default() };
+        let synced = Arc::new(Synced::with_cache(remote.clone(), Arc::clone(&cache), opts).unwrap());
+        let pusher = Pusher::start(synced, manual()).unwrap();
+        pusher.read_at(&mut [0u8; 1], CS).unwrap();
+        // Written in the cache itself (as through a mapping), and reported by it.
+        cache.inner.write_at(&[4u8; 3], CS + 10).unwrap();
+        cache.behind_the_back.lock().unwrap().push(CS + 10..CS + 13);
+        assert_eq!(pusher.push().unwrap().chunks, 1);
+        assert_eq!(contents(&remote.inner)[(CS + 10) as usize..(CS + 13) as usize], [4u8; 3]);
     }
 
     #[test]

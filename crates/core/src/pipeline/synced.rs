@@ -12,14 +12,15 @@
 //!
 //! - A read makes the chunks it touches local first: it claims the `busy` bit of each missing
 //!   chunk it is the first to want, fetches runs of claimed chunks with one ranged remote read
-//!   each, writes them to the local backend, and only then sets `local`. Readers that find a chunk
+//!   each, fills them into the local backend ([`Cache::fill`]), and only then sets `local`. Readers that find a chunk
 //!   already being pulled wait for that pull instead of starting another: concurrent readers of a
 //!   missing chunk cause one pull. A failed pull leaves the chunk remote and the error goes to the
 //!   reader; nothing is ever presented as data that was not fetched.
 //! - A write that covers a missing chunk completely needs nothing from the remote: the chunk is
 //!   claimed, written locally and becomes local. A write that covers part of a missing chunk pulls
-//!   it first. Every completed write sets `dirty` after its data is in the local backend, which is
-//!   what the [`Pusher`](super::Pusher) relies on.
+//!   it first. Writes reach the local backend as [`Backend::write_at`], fills as [`Cache::fill`]:
+//!   a cache may tell them apart (see [`Cache`]). Every completed write sets `dirty` after its
+//!   data is in the local backend, which is what the [`Pusher`](super::Pusher) relies on.
 //! - [`Synced::mark_remote`] invalidates chunks (the remote has newer data). A pull in flight for
 //!   such a chunk is discarded when it lands, so a stale fill never becomes local.
 //!
@@ -36,6 +37,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use super::cache::{Cache, Fault};
 use crate::backend::{Backend, Capabilities, SharedBackend, check_range, len64};
 use crate::bitmap::AtomicBitmap;
 use crate::geometry::{Chunk, Geometry, to_usize};
@@ -125,9 +127,12 @@ struct Target<'a> {
 }
 
 /// Lazy copy-on-read of `remote` into `local`, with per-chunk state. See the module docs.
-pub struct Synced {
+///
+/// The local backend is any [`Cache`]: by default a [`SharedBackend`] ([`Synced::new`]), or a
+/// cache type of its own ([`Synced::with_cache`]).
+pub struct Synced<L: Cache + ?Sized = dyn Backend> {
     remote: SharedBackend,
-    local: SharedBackend,
+    local: Arc<L>,
     geometry: Geometry,
     max_request_chunks: u64,
     local_bits: AtomicBitmap,
@@ -138,18 +143,29 @@ pub struct Synced {
     on_chunk_local: Option<ChunkHook>,
 }
 
-impl fmt::Debug for Synced {
+impl<L: Cache + ?Sized> fmt::Debug for Synced<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Synced").field("geometry", &self.geometry).field("stats", &self.stats()).finish()
     }
 }
 
 impl Synced {
-    /// Everything starts remote.
+    /// Everything starts remote. Chunks are filled into `local` with `write_at`.
     ///
     /// # Errors
     /// `InvalidInput` when the local backend is smaller than the remote or an option is zero.
     pub fn new(remote: SharedBackend, local: SharedBackend, options: SyncedOptions) -> io::Result<Self> {
+        Self::with_cache(remote, local, options)
+    }
+}
+
+impl<L: Cache + ?Sized> Synced<L> {
+    /// As [`Synced::new`], over a cache of its own type (one that fills differently from how it
+    /// writes, or learns of writes behind the layer's back).
+    ///
+    /// # Errors
+    /// As [`Synced::new`].
+    pub fn with_cache(remote: SharedBackend, local: Arc<L>, options: SyncedOptions) -> io::Result<Self> {
         let size = remote.size();
         if local.size() < size {
             return Err(io::Error::new(
@@ -196,7 +212,7 @@ impl Synced {
     }
 
     #[must_use]
-    pub fn local(&self) -> &SharedBackend {
+    pub fn local(&self) -> &Arc<L> {
         &self.local
     }
 
@@ -292,6 +308,28 @@ impl Synced {
     /// `InvalidInput` for chunks past the end; the first failed remote read or local write (the
     /// chunks of that request stay remote).
     pub fn fetch(&self, chunks: Range<u64>) -> io::Result<()> {
+        self.check_chunks(&chunks)?;
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        self.ensure_local(chunks, None, None, &mut Vec::new())
+    }
+
+    /// As [`Synced::fetch`], for an access that waits at `fault` (a page fault): the fill of the
+    /// run that holds it passes it to [`Cache::fill`], so that the cache can let the access go on
+    /// before the rest of the run is in.
+    ///
+    /// # Errors
+    /// As [`Synced::fetch`].
+    pub fn fetch_for(&self, chunks: Range<u64>, fault: Fault) -> io::Result<()> {
+        self.check_chunks(&chunks)?;
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        self.ensure_local(chunks, None, Some(fault), &mut Vec::new())
+    }
+
+    fn check_chunks(&self, chunks: &Range<u64>) -> io::Result<()> {
         if chunks.end > self.geometry.chunks() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -303,10 +341,7 @@ impl Synced {
                 ),
             ));
         }
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        self.ensure_local(chunks, None, &mut Vec::new())
+        Ok(())
     }
 
     /// Marks local chunks dirty: their data changed in the local backend by a path that did not
@@ -320,6 +355,35 @@ impl Synced {
                 self.dirty.set(c);
             }
         }
+    }
+
+    /// As [`Synced::mark_dirty`] for the chunks that the bytes `bytes` touch, waiting first for
+    /// a fill in flight of any of them: a cache that lets an access go on before its fill is
+    /// complete (a mapping) may be written a moment before the chunk is marked local, and the
+    /// write must not be skipped.
+    pub fn mark_written(&self, bytes: Range<u64>) {
+        let end = bytes.end.min(self.geometry.size());
+        if bytes.start >= end {
+            return;
+        }
+        for c in self.geometry.chunks_touched(bytes.start, end - bytes.start) {
+            if self.busy.get(c) {
+                self.wait_not_busy(c);
+            }
+            if self.local_bits.get(c) {
+                self.dirty.set(c);
+            }
+            // Otherwise the chunk was invalidated: its local data is gone, and the write with it.
+        }
+    }
+
+    /// Marks dirty what the local cache reports written behind this layer's back
+    /// ([`Cache::take_written`]); the [`Pusher`](super::Pusher) calls it before every cycle.
+    ///
+    /// # Errors
+    /// The cache's error finding the written ranges.
+    pub fn collect_written(&self) -> io::Result<()> {
+        self.local.take_written(&mut |bytes| self.mark_written(bytes))
     }
 
     /// Pulls the chunks of `chunks` that are neither local nor being pulled by someone else,
@@ -445,15 +509,18 @@ impl Synced {
         }
     }
 
-    /// Fetches the claimed run `run` from the remote and stores it locally, then releases it.
-    /// Returns whether the data went straight into `target`.
+    /// Fetches the claimed run `run` from the remote and fills it into the local cache (passing
+    /// `fault` on if it lies in the run), then releases it. Returns whether the data went straight
+    /// into `target`.
     fn fill(
         &self,
         run: Range<u64>,
         target: Option<&mut Target<'_>>,
+        fault: Option<Fault>,
         scratch: &mut Vec<u8>,
     ) -> io::Result<bool> {
         let bytes = self.geometry.byte_range(run.clone());
+        let fault = fault.filter(|f| bytes.contains(&f.off));
         let len = to_usize(bytes.end - bytes.start);
         let (buf, direct): (&mut [u8], bool) = match target {
             Some(t) if bytes.start >= t.off && bytes.end <= t.off + len64(t.buf) => {
@@ -466,7 +533,7 @@ impl Synced {
             }
         };
         let result =
-            self.remote.read_at(buf, bytes.start).and_then(|()| self.local.write_at(buf, bytes.start));
+            self.remote.read_at(buf, bytes.start).and_then(|()| self.local.fill(buf, bytes.start, fault));
         self.counters.pull_requests.fetch_add(1, Ordering::Relaxed);
         let ok = result.is_ok();
         let mut became = Vec::new();
@@ -494,7 +561,7 @@ impl Synced {
     /// them locally, then releases them.
     fn fill_many(&self, runs: &[Range<u64>], scratch: &mut Vec<u8>) -> io::Result<()> {
         if let [run] = runs {
-            return self.fill(run.clone(), None, scratch).map(drop);
+            return self.fill(run.clone(), None, None, scratch).map(drop);
         }
         let bytes: Vec<Range<u64>> = runs.iter().map(|r| self.geometry.byte_range(r.clone())).collect();
         let total = bytes.iter().map(|b| to_usize(b.end - b.start)).sum();
@@ -511,7 +578,7 @@ impl Synced {
         let mut written = vec![false; runs.len()];
         if result.is_ok() {
             for (i, (off, buf)) in reads.iter().enumerate() {
-                match self.local.write_at(buf, *off) {
+                match self.local.fill(buf, *off, None) {
                     Ok(()) => written[i] = true,
                     Err(e) => {
                         result = Err(e);
@@ -554,11 +621,13 @@ impl Synced {
     }
 
     /// Makes every chunk of `chunks` local, pulling what is missing and waiting for pulls by
-    /// others. Runs filled straight into `target` are appended to `direct`.
+    /// others; `fault` goes to the fill that holds it. Runs filled straight into `target` are
+    /// appended to `direct`.
     fn ensure_local(
         &self,
         chunks: Range<u64>,
         mut target: Option<Target<'_>>,
+        fault: Option<Fault>,
         direct: &mut Vec<Range<u64>>,
     ) -> io::Result<()> {
         let mut scratch = Vec::new();
@@ -581,7 +650,7 @@ impl Synced {
                     c += 1;
                     continue;
                 }
-                if self.fill(start..c, target.as_mut(), &mut scratch)? {
+                if self.fill(start..c, target.as_mut(), fault, &mut scratch)? {
                     direct.push(start..c);
                 }
             }
@@ -613,7 +682,7 @@ impl Synced {
                     break;
                 }
                 if !whole {
-                    if let Err(e) = self.ensure_local(c..c + 1, None, &mut Vec::new()) {
+                    if let Err(e) = self.ensure_local(c..c + 1, None, None, &mut Vec::new()) {
                         self.abandon(&owned);
                         return Err(e);
                     }
@@ -706,7 +775,7 @@ impl Synced {
     }
 }
 
-impl Backend for Synced {
+impl<L: Cache + ?Sized> Backend for Synced<L> {
     fn size(&self) -> u64 {
         self.geometry.size()
     }
@@ -718,7 +787,7 @@ impl Backend for Synced {
         }
         let touched = self.geometry.chunks_touched(off, len64(buf));
         let mut direct = Vec::new();
-        self.ensure_local(touched.clone(), Some(Target { buf: &mut *buf, off }), &mut direct)?;
+        self.ensure_local(touched.clone(), Some(Target { buf: &mut *buf, off }), None, &mut direct)?;
         // Read what was not filled straight into the buffer from the local backend.
         direct.sort_by_key(|r| r.start);
         let mut next = touched.start;
@@ -761,7 +830,7 @@ mod tests {
     use super::*;
     use crate::backends::Memory;
     use crate::conformance;
-    use crate::pipeline::testutil::{Probe, contents, pattern, wait_until};
+    use crate::pipeline::testutil::{Probe, Recorder, Stored, contents, pattern, wait_until};
 
     const CS: u64 = 64 * 1024;
 
@@ -1016,6 +1085,101 @@ mod tests {
         let s = Synced::new(Arc::new(Memory::new(size)), Arc::new(Memory::new(size)), options(CS)).unwrap();
         let meta = s.stats().metadata_bytes;
         assert!(meta <= 7 << 20, "{meta} bytes of metadata");
+    }
+
+    fn recorded(remote: &Arc<Probe>) -> (Arc<Recorder>, Synced<Recorder>) {
+        let cache = Arc::new(Recorder::new(remote.size()));
+        let s = Synced::with_cache(remote.clone(), Arc::clone(&cache), options(CS)).unwrap();
+        (cache, s)
+    }
+
+    #[test]
+    fn conformance_over_a_cache_of_its_own_type() {
+        conformance::run(&|size| {
+            let cache = Arc::new(Recorder::new(size));
+            Arc::new(Synced::with_cache(Arc::new(Memory::new(size)), cache, options(CS)).unwrap())
+        });
+    }
+
+    #[test]
+    fn pulls_are_fills_and_writes_are_writes() {
+        let remote = Arc::new(Probe::with_data(&pattern(23, (4 * CS) as usize)));
+        let (cache, s) = recorded(&remote);
+        s.read_at(&mut [0u8; 10], 5).unwrap();
+        s.pull(1..2, 1, &mut Vec::new()).unwrap();
+        assert_eq!(
+            cache.take_calls(),
+            [Stored::Fill { off: 0, len: CS, fault: None }, Stored::Fill { off: CS, len: CS, fault: None }]
+        );
+        // A write of a whole missing chunk needs no fill; one of part of a missing chunk pulls it
+        // first.
+        s.write_at(&vec![1u8; CS as usize], 2 * CS).unwrap();
+        s.write_at(&[2u8; 7], 3 * CS + 1).unwrap();
+        assert_eq!(
+            cache.take_calls(),
+            [
+                Stored::Write { off: 2 * CS, len: CS },
+                Stored::Fill { off: 3 * CS, len: CS, fault: None },
+                Stored::Write { off: 3 * CS + 1, len: 7 },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_fault_reaches_the_fill_of_the_run_that_holds_it() {
+        let remote = Arc::new(Probe::with_data(&pattern(24, (6 * CS) as usize)));
+        let (cache, s) = recorded(&remote);
+        s.fetch(2..3).unwrap();
+        cache.take_calls();
+        // Chunk 2 is local: 0..2 and 3..6 are two fills, and only the second holds the fault.
+        let fault = Fault { off: 4 * CS + 123, sequential: true };
+        s.fetch_for(0..6, fault).unwrap();
+        assert_eq!(
+            cache.take_calls(),
+            [
+                Stored::Fill { off: 0, len: 2 * CS, fault: None },
+                Stored::Fill { off: 3 * CS, len: 3 * CS, fault: Some(fault) },
+            ]
+        );
+        // Nothing left to fill: nothing is called.
+        s.fetch_for(0..6, fault).unwrap();
+        assert!(cache.take_calls().is_empty());
+        assert!(s.fetch_for(0..7, fault).is_err(), "chunks past the end are refused");
+    }
+
+    #[test]
+    fn writes_behind_the_layers_back_are_collected_as_dirty() {
+        let remote = Arc::new(Probe::with_data(&pattern(25, (4 * CS) as usize)));
+        let (cache, s) = recorded(&remote);
+        s.fetch(0..2).unwrap();
+        // Local chunks 0 and 1 are written in the cache itself, and so is remote chunk 3 (which
+        // has no local data to push).
+        cache.behind_the_back.lock().unwrap().extend([10..20, CS + 5..CS + 6, 3 * CS..3 * CS + 1]);
+        assert!(!s.is_dirty(Chunk(0)) && !s.is_dirty(Chunk(1)));
+        s.collect_written().unwrap();
+        assert!(s.is_dirty(Chunk(0)) && s.is_dirty(Chunk(1)));
+        assert!(!s.is_dirty(Chunk(2)) && !s.is_dirty(Chunk(3)));
+    }
+
+    #[test]
+    fn marking_a_chunk_written_waits_for_its_fill_in_flight() {
+        let remote = Arc::new(Probe::with_data(&pattern(26, (2 * CS) as usize)));
+        let s = Arc::new(stack(&remote));
+        remote.close_gate(true, false);
+        let _open = remote.open_on_drop();
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| s.fetch(0..1));
+            remote.wait_held(1);
+            let marker = scope.spawn(|| s.mark_written(0..1));
+            // The mark finds the chunk being filled and waits (counted before it sleeps); it
+            // cannot finish while the fill is held at the gate.
+            wait_until("the mark to wait for the fill", || s.stats().waits == 1);
+            assert!(!marker.is_finished());
+            remote.open_gate();
+            reader.join().unwrap().unwrap();
+            marker.join().unwrap();
+        });
+        assert!(s.is_local(Chunk(0)) && s.is_dirty(Chunk(0)));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! A probing backend for the pipeline's tests: counts calls, fails on demand, holds calls at a
-//! gate, and remembers the offsets it was asked for. Also [`wait_until`], for the few conditions
-//! that have no event to wait on.
+//! gate, and remembers the offsets it was asked for; a cache that records fills and writes apart
+//! ([`Recorder`]). Also [`wait_until`], for the few conditions that have no event to wait on.
 
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+use super::cache::{Cache, Fault};
 use crate::backend::{Backend, Capabilities};
 use crate::backends::Memory;
 
@@ -224,4 +226,67 @@ pub(crate) fn contents(b: &dyn Backend) -> Vec<u8> {
     let mut buf = vec![0u8; crate::geometry::to_usize(b.size())];
     b.read_at(&mut buf, 0).unwrap();
     buf
+}
+
+/// A call that reached a [`Recorder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stored {
+    Fill { off: u64, len: u64, fault: Option<Fault> },
+    Write { off: u64, len: u64 },
+}
+
+/// A cache over memory that records its fills and writes apart, and reports the ranges queued in
+/// `behind_the_back` as written behind the layer's back.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    pub(crate) inner: Memory,
+    pub(crate) calls: Mutex<Vec<Stored>>,
+    pub(crate) behind_the_back: Mutex<Vec<Range<u64>>>,
+}
+
+impl Recorder {
+    pub(crate) fn new(size: u64) -> Self {
+        Self {
+            inner: Memory::new(size),
+            calls: Mutex::new(Vec::new()),
+            behind_the_back: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn take_calls(&self) -> Vec<Stored> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+impl Backend for Recorder {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.calls.lock().unwrap().push(Stored::Write { off, len: crate::backend::len64(buf) });
+        self.inner.write_at(buf, off)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Cache for Recorder {
+    fn fill(&self, buf: &[u8], off: u64, fault: Option<Fault>) -> io::Result<()> {
+        self.calls.lock().unwrap().push(Stored::Fill { off, len: crate::backend::len64(buf), fault });
+        self.inner.write_at(buf, off)
+    }
+
+    fn take_written(&self, written: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
+        for r in std::mem::take(&mut *self.behind_the_back.lock().unwrap()) {
+            written(r);
+        }
+        Ok(())
+    }
 }
