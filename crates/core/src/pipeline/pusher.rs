@@ -29,7 +29,8 @@ use crate::backend::{Backend, Capabilities};
 /// Options of a [`Pusher`].
 #[derive(Debug, Clone)]
 pub struct PusherOptions {
-    /// Time between background cycles. The original defaulted to 20 s.
+    /// Time between background cycles. The original defaulted to 20 s. `Duration::MAX` runs no
+    /// background cycle: pushes happen on `push`, `flush` and `close` only.
     pub interval: Duration,
     /// Writes in flight during a cycle.
     pub depth: usize,
@@ -243,11 +244,17 @@ fn background<L: Cache + ?Sized + 'static>(shared: &Shared<L>) {
     let interval = shared.options.interval;
     let mut wait = interval;
     loop {
-        let deadline = Instant::now() + wait;
+        // No deadline (an interval too long to reach): wait for the stop only.
+        let deadline = Instant::now().checked_add(wait);
         let mut control = shared.control.lock().expect("pusher control lock");
-        while !control.stop && Instant::now() < deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            control = shared.cv.wait_timeout(control, left).expect("pusher control lock").0;
+        while !control.stop && deadline.is_none_or(|d| Instant::now() < d) {
+            control = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    shared.cv.wait_timeout(control, left).expect("pusher control lock").0
+                }
+                None => shared.cv.wait(control).expect("pusher control lock"),
+            };
         }
         if control.stop {
             return;
@@ -256,7 +263,11 @@ fn background<L: Cache + ?Sized + 'static>(shared: &Shared<L>) {
         match shared.cycle() {
             Ok(_) => wait = interval,
             Err(e) => {
-                wait = if wait >= interval { shared.options.retry_backoff } else { (wait * 2).min(interval) };
+                wait = if wait >= interval {
+                    shared.options.retry_backoff
+                } else {
+                    wait.saturating_mul(2).min(interval)
+                };
                 tracing::warn!(error = %e, retry_in = ?wait, "background push failed; the chunks stay dirty");
             }
         }
@@ -433,6 +444,15 @@ mod tests {
         cache.behind_the_back.lock().unwrap().push(CS + 10..CS + 13);
         assert_eq!(pusher.push().unwrap().chunks, 1);
         assert_eq!(contents(&remote.inner)[(CS + 10) as usize..(CS + 13) as usize], [4u8; 3]);
+    }
+
+    #[test]
+    fn without_an_interval_only_flush_and_close_push() {
+        let (remote, pusher) = setup(&[0u8; 4096], PusherOptions { interval: Duration::MAX, ..manual() });
+        pusher.write_at(&[6u8; 10], 0).unwrap();
+        assert_eq!(pusher.progress().cycles, 0, "no background cycle ever starts");
+        pusher.close().unwrap();
+        assert_eq!(contents(&remote.inner)[..10], [6u8; 10]);
     }
 
     #[test]
