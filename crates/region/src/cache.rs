@@ -1,40 +1,38 @@
-//! [`RegionCache`]: the region's memory as the local backend of the chunk pipeline.
+//! [`RegionCache`]: the region's memory as the local cache of the chunk pipeline.
 //!
-//! The mapping *is* the cache: `write_at` installs bytes with `UFFDIO_COPY` (write-protected when
-//! writes are tracked, so the application's first write to the page is recorded), and `read_at`
-//! copies out of the mapping (what the pusher does for dirty chunks). `UFFDIO_COPY` only fills
-//! pages that are missing: a page that is already present (the application may have written it)
-//! is never overwritten; it is skipped and counted. That is the right behaviour for the fills
-//! the [`Synced`](r3map_core::Synced) layer makes, and the reason why writes of the application
-//! must go through the mapping ([`Region::write`](crate::Region::write) or the pointer), never
-//! through `Synced::write_at` of a region's pipeline.
+//! The mapping *is* the cache, and it keeps the [`Cache`] contract of the
+//! [`Synced`](r3map_core::Synced) layer:
+//! - [`Cache::fill`] (a chunk pulled from the remote) installs pages with `UFFDIO_COPY`,
+//!   write-protected when writes are tracked, so that the application's first write to each is
+//!   recorded. `UFFDIO_COPY` fills only missing pages: a page that is present holds bytes newer
+//!   than the remote's (the application wrote it after an earlier fill, or after the faulting page
+//!   of this very fill was installed and woke it), so it is skipped and counted, never
+//!   overwritten. A fill made for a fault installs the faulting page first (see [`Fault`]).
+//! - [`Backend::write_at`] (data written through the `Synced` layer: [`Region::write`]) replaces
+//!   the bytes, as any backend's write does. Whole pages that are missing are installed with
+//!   `UFFDIO_COPY` rather than touched: the `Synced` layer claims a chunk that a write covers
+//!   whole without fetching it, and a fault on it would wait for that very claim. Present pages
+//!   and the partial pages at either end (whose chunks are local) are copied over.
+//! - [`Backend::read_at`] copies out of the mapping (what the pusher does for dirty chunks).
+//! - [`Cache::take_written`] reports the pages the write tracking found written through the
+//!   mapping (the pointer, the kernel), protecting them again; the pusher collects them before
+//!   every cycle.
+//!
+//! [`Region::write`]: crate::Region::write
 
 use std::fmt;
 use std::io;
+use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use r3map_core::backend::{Backend, check_range, len64};
+use r3map_core::pipeline::{Cache, Fault};
 use r3map_sys::uffd::CopyMode;
 use r3map_sys::{AnonMapping, Uffd};
 
+use crate::dirty::{Tracker, WriteTracking};
 use r3map_core::geometry::to_usize;
-
-thread_local! {
-    /// The page offset a fault handler is serving on this thread, if any (see [`with_fault_hint`]).
-    static FAULT_HINT: std::cell::Cell<Option<(u64, bool)>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` (a fetch made for a fault at page offset `off`) so that an install of the chunk
-/// holding that page starts at the faulting page. With `alone` (a random access), the faulting
-/// page is copied by itself first: the faulting thread is woken after one page instead of the
-/// whole chunk, and the rest follows while it runs. Without (a sequential walk, which would only
-/// fault again on the next page), the run from the faulting page to the end goes in one copy.
-pub(crate) fn with_fault_hint<R>(off: u64, alone: bool, f: impl FnOnce() -> R) -> R {
-    FAULT_HINT.with(|h| h.set(Some((off, alone))));
-    let result = f();
-    FAULT_HINT.with(|h| h.set(None));
-    result
-}
 
 /// The mapping and the userfaultfd that serves it. Fields drop in order: the mapping is unmapped
 /// while the descriptor is still open, so no thread ever sees the range fall back to zero-filled
@@ -53,9 +51,11 @@ pub(crate) struct CacheCounters {
     pub(crate) copies: AtomicU64,
 }
 
-/// The region's mapping as a [`Backend`] of the remote's size. See the [module docs](self).
+/// The region's mapping as the [`Cache`] of its pipeline, of the remote's size. See the
+/// [module docs](self).
 pub struct RegionCache {
-    memory: std::sync::Arc<RegionMemory>,
+    memory: Arc<RegionMemory>,
+    tracker: Arc<Tracker>,
     size: u64,
     page: u64,
     write_protect: bool,
@@ -74,12 +74,13 @@ impl fmt::Debug for RegionCache {
 }
 
 impl RegionCache {
-    pub(crate) fn new(memory: std::sync::Arc<RegionMemory>, size: u64, write_protect: bool) -> Self {
+    pub(crate) fn new(memory: Arc<RegionMemory>, size: u64, tracker: Arc<Tracker>) -> Self {
         Self {
             memory,
             size,
             page: r3map_sys::region_map::page_size() as u64,
-            write_protect,
+            write_protect: tracker.mode() != WriteTracking::Off,
+            tracker,
             closed: AtomicBool::new(false),
             counters: CacheCounters::default(),
         }
@@ -101,7 +102,13 @@ impl RegionCache {
     /// Installs `buf` at `off` (page-aligned) into missing pages; a short last page is padded with
     /// zeroes (the bytes past the region's size). Returns the bytes left alone because their pages
     /// were present.
-    pub(crate) fn install(&self, buf: &[u8], off: u64) -> io::Result<u64> {
+    ///
+    /// With a `fault` in the range, the install starts at the faulting page. For a random access
+    /// the faulting page is copied by itself first: the faulting thread is woken after one page
+    /// instead of the whole range, and the rest follows while it runs. For a sequential walk
+    /// (which would only fault again on the next page) the run from the faulting page to the end
+    /// goes in one copy. The part before the faulting page comes last.
+    fn install(&self, buf: &[u8], off: u64, fault: Option<Fault>) -> io::Result<u64> {
         if !off.is_multiple_of(self.page) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -122,7 +129,9 @@ impl RegionCache {
             padded = p;
             &padded[..]
         };
-        let hint = FAULT_HINT.with(std::cell::Cell::get).filter(|&(h, _)| h >= off && h < padded_end);
+        let hint = fault
+            .map(|f| (f.off - f.off % self.page, !f.sequential))
+            .filter(|&(h, _)| h >= off && h < padded_end);
         let mut existing = 0;
         match hint {
             None => existing += self.copy(dst, src, mode)?,
@@ -165,18 +174,58 @@ impl Backend for RegionCache {
         self.memory.mapping.read(to_usize(off), buf)
     }
 
-    /// Installs the bytes into missing pages (see the [module docs](self)); present pages are
-    /// left as they are.
+    /// Writes the bytes into the mapping, replacing what is there (see the
+    /// [module docs](self)). A partial page at either end that is missing faults to the
+    /// handlers, which fetch its chunk: never call it from a handler thread.
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         check_range(off, len64(buf), self.size)?;
         self.check_open()?;
         if buf.is_empty() {
             return Ok(());
         }
-        self.install(buf, off).map(|_| ())
+        let end = off + len64(buf);
+        // `off..start` and `stop..end` are parts of pages; `start..stop` are whole pages, the
+        // last one possibly the short page at the end of the region (padded when installed).
+        let start = off.next_multiple_of(self.page).min(end);
+        let stop = if end == self.size { end } else { end - end % self.page }.max(start);
+        let part = |from: u64, to: u64| &buf[to_usize(from - off)..to_usize(to - off)];
+        let mapping = &self.memory.mapping;
+        if start < stop && self.install(part(start, stop), start, None)? > 0 {
+            // Some pages were present: copy over them (the pages just installed get the same
+            // bytes again, which no reader can tell apart).
+            mapping.write(to_usize(start), part(start, stop))?;
+        }
+        if off < start {
+            mapping.write(to_usize(off), part(off, start))?;
+        }
+        if stop < end {
+            mapping.write(to_usize(stop), part(stop, end))?;
+        }
+        // Installed pages are write-protected like filled ones, so the tracking did not see
+        // this write: a tracking epoch must still report it.
+        self.tracker.note_written(off..end);
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl Cache for RegionCache {
+    /// Installs the bytes into the missing pages only (see the [module docs](self)), starting at
+    /// the faulting page when there is one.
+    fn fill(&self, buf: &[u8], off: u64, fault: Option<Fault>) -> io::Result<()> {
+        check_range(off, len64(buf), self.size)?;
+        self.check_open()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.install(buf, off, fault).map(drop)
+    }
+
+    /// The pages written through the mapping since the last scan, found by the write tracking.
+    fn take_written(&self, written: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
+        self.tracker.scan(written).map(drop)
     }
 }

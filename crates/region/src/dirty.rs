@@ -13,19 +13,19 @@
 //! reported and before it was protected again is in the reported page, whose data is read only
 //! after the scan; a write after the protection is recorded anew for the next scan.
 //!
-//! A scan marks the chunks of the written pages dirty in the [`Synced`] layer (the pusher then
-//! sends them) and, while a tracking epoch is on ([`Region::track`](crate::Region::track)), adds the pages to the
-//! epoch's set (what a migration source reports). The pages of a fill are present, and can be
-//! written, a moment before their chunk is marked local (`UFFDIO_COPY` wakes the faulting thread
-//! before the fill returns); a scan that finds such a chunk still being filled waits for the fill
-//! before marking it, since the pipeline only pushes local chunks.
+//! A scan hands the written ranges to its caller, inside its critical section: the region's cache
+//! reports them to the [`Synced`](r3map_core::Synced) layer, which marks their chunks dirty for
+//! the pusher ([`Synced::mark_written`](r3map_core::Synced::mark_written), which waits for a fill
+//! in flight: its pages can be written a moment before the chunk is local). While a tracking epoch
+//! is on ([`Region::track`](crate::Region::track)) a scan also adds the pages to the epoch's set
+//! (what a migration source reports), as does a write through the pipeline
+//! (`Tracker::note_written`), whose pages may have been installed rather than written.
 
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use r3map_core::Synced;
 use r3map_core::bitmap::AtomicBitmap;
 use r3map_sys::PageMap;
 
@@ -52,7 +52,6 @@ pub enum WriteTracking {
 pub(crate) struct Tracker {
     mode: WriteTracking,
     memory: Arc<RegionMemory>,
-    synced: Arc<Synced>,
     pagemap: Option<PageMap>,
     page: u64,
     size: u64,
@@ -80,16 +79,14 @@ impl Tracker {
     pub(crate) fn new(
         mode: WriteTracking,
         memory: Arc<RegionMemory>,
-        synced: Arc<Synced>,
+        size: u64,
         page: u64,
     ) -> io::Result<Self> {
-        let size = synced.geometry().size();
         let pages = size.div_ceil(page);
         let pagemap = if mode == WriteTracking::Async { Some(PageMap::open_self()?) } else { None };
         Ok(Self {
             mode,
             memory,
-            synced,
             pagemap,
             page,
             size,
@@ -122,14 +119,30 @@ impl Tracker {
         io::Error::new(io::ErrorKind::Unsupported, "write tracking is off for this region")
     }
 
-    /// Collects the pages written since the last scan (protecting them again), marks their chunks
-    /// dirty in the pipeline and adds them to the epoch. Returns the byte ranges.
-    pub(crate) fn scan(&self) -> io::Result<Vec<Range<u64>>> {
-        let mut found = self.scan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.scan_locked(&mut found)
+    /// Records a write that went through the pipeline in the epoch, if one is on (the pages may
+    /// have been installed write-protected, which the scans do not see as written).
+    pub(crate) fn note_written(&self, bytes: Range<u64>) {
+        if !self.tracking.load(Ordering::SeqCst) || bytes.start >= bytes.end {
+            return;
+        }
+        for p in bytes.start / self.page..bytes.end.min(self.size).div_ceil(self.page) {
+            self.epoch.set(p);
+        }
     }
 
-    fn scan_locked(&self, found: &mut Vec<Range<usize>>) -> io::Result<Vec<Range<u64>>> {
+    /// Collects the pages written since the last scan (protecting them again), calls `mark` with
+    /// each written range (before another scan can start) and adds them to the epoch. Returns the
+    /// byte ranges.
+    pub(crate) fn scan(&self, mark: &mut dyn FnMut(Range<u64>)) -> io::Result<Vec<Range<u64>>> {
+        let mut found = self.scan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.scan_locked(&mut found, mark)
+    }
+
+    fn scan_locked(
+        &self,
+        found: &mut Vec<Range<usize>>,
+        mark: &mut dyn FnMut(Range<u64>),
+    ) -> io::Result<Vec<Range<u64>>> {
         found.clear();
         match self.mode {
             WriteTracking::Off => return Ok(Vec::new()),
@@ -154,48 +167,32 @@ impl Tracker {
             }
         }
         self.scans.fetch_add(1, Ordering::Relaxed);
-        let geometry = self.synced.geometry();
         let tracking = self.tracking.load(Ordering::SeqCst);
         let mut ranges = Vec::with_capacity(found.len());
-        let mut written = Vec::new();
         for r in found.iter() {
             let (start, end) = (r.start as u64, (r.end as u64).min(self.size));
             if start >= end {
                 continue;
             }
-            written.extend(geometry.chunks_touched(start, end - start));
             if tracking {
                 for p in start / self.page..end.div_ceil(self.page) {
                     self.epoch.set(p);
                 }
             }
+            mark(start..end);
             ranges.push(start..end);
-        }
-        written.sort_unstable();
-        written.dedup();
-        for c in written {
-            let chunk = r3map_core::Chunk(c);
-            // The pages of a fill are present (and writable) a moment before the chunk is marked
-            // local: wait for a fill in flight, so that its written pages are not skipped.
-            if self.synced.is_busy(chunk) {
-                let _ = self.synced.fetch(c..c + 1);
-            }
-            if self.synced.is_local(chunk) {
-                self.synced.mark_dirty([chunk]);
-            }
-            // Otherwise the chunk was invalidated: its local data is gone, the write with it.
         }
         Ok(ranges)
     }
 
     /// Starts a tracking epoch: writes so far are scanned (and stay dirty for the pusher), the
     /// epoch's set is emptied.
-    pub(crate) fn track(&self) -> io::Result<()> {
+    pub(crate) fn track(&self, mark: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
         if self.mode == WriteTracking::Off {
             return Err(Self::unsupported());
         }
         let mut found = self.scan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.scan_locked(&mut found)?;
+        self.scan_locked(&mut found, mark)?;
         let pages = self.epoch.len();
         let mut p = 0;
         while let Some(set) = self.epoch.next_set(p, pages) {
@@ -213,26 +210,30 @@ impl Tracker {
     /// The pages written in the current epoch (after a scan), as byte ranges; with `finish`, the
     /// epoch ends: its pages are cleared and tracking stops, in the same critical section as the
     /// scan, so a concurrent scan cannot slip a page in between.
-    pub(crate) fn epoch_ranges(&self, finish: bool) -> io::Result<Vec<Range<u64>>> {
-        self.epoch(if finish { EpochEnd::Finish } else { EpochEnd::Keep })
+    pub(crate) fn epoch_ranges(
+        &self,
+        finish: bool,
+        mark: &mut dyn FnMut(Range<u64>),
+    ) -> io::Result<Vec<Range<u64>>> {
+        self.epoch(if finish { EpochEnd::Finish } else { EpochEnd::Keep }, mark)
     }
 
     /// The pages written since the epoch began or since the previous call, as byte ranges; they
     /// are cleared and tracking goes on (a round of an iterative pre-copy). They are cleared in the
     /// same critical section as the scan, so a page written meanwhile is in this round or the next.
-    pub(crate) fn epoch_take(&self) -> io::Result<Vec<Range<u64>>> {
+    pub(crate) fn epoch_take(&self, mark: &mut dyn FnMut(Range<u64>)) -> io::Result<Vec<Range<u64>>> {
         if !self.is_tracking() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "no tracking epoch is on"));
         }
-        self.epoch(EpochEnd::Restart)
+        self.epoch(EpochEnd::Restart, mark)
     }
 
-    fn epoch(&self, end: EpochEnd) -> io::Result<Vec<Range<u64>>> {
+    fn epoch(&self, end: EpochEnd, mark: &mut dyn FnMut(Range<u64>)) -> io::Result<Vec<Range<u64>>> {
         if self.mode == WriteTracking::Off {
             return Err(Self::unsupported());
         }
         let mut found = self.scan.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.scan_locked(&mut found)?;
+        self.scan_locked(&mut found, mark)?;
         let pages = self.epoch.len();
         let runs: Vec<Range<u64>> = self.epoch.set_runs(0..pages, pages.max(1)).collect();
         if end != EpochEnd::Keep {

@@ -3,9 +3,10 @@
 //! Each thread waits on the userfaultfd with its own epoll instance (`EPOLLEXCLUSIVE`, so one
 //! fault wakes one thread, not all), reads one message at a time without blocking, and serves it:
 //! - **Missing page** at address `A`: the chunk holding `A` is made local with
-//!   [`Synced::fetch`] (which pulls it with one ranged read and installs it with `UFFDIO_COPY`,
-//!   or waits for whoever is pulling it already, the background puller say); the faulting page
-//!   is copied first so the faulting thread resumes before the rest of the chunk is in. When
+//!   [`Synced::fetch_for`] (which pulls it with one ranged read and fills it into the
+//!   [`RegionCache`] with `UFFDIO_COPY`, or waits for whoever is pulling it already, the
+//!   background puller say); the fault goes with the fetch to the cache, which copies the
+//!   faulting page first so the faulting thread resumes before the rest of the chunk is in. When
 //!   faults walk forward through the region, each fetch also reads ahead (a window of chunks
 //!   that doubles up to [`RegionOptions::readahead`](crate::RegionOptions::readahead)). Then the
 //!   page is
@@ -35,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use r3map_core::pipeline::{Cache as _, Fault};
 use r3map_core::{Backend as _, Chunk, Synced};
 use r3map_sys::PageMap;
 use r3map_sys::uffd::Event;
@@ -61,7 +63,7 @@ pub(crate) struct HandlerCounters {
 pub(crate) struct HandlerShared {
     pub(crate) memory: Arc<RegionMemory>,
     pub(crate) cache: Arc<RegionCache>,
-    pub(crate) synced: Arc<Synced>,
+    pub(crate) synced: Arc<Synced<RegionCache>>,
     pub(crate) tracker: Arc<Tracker>,
     pub(crate) pagemap: PageMap,
     pub(crate) page: u64,
@@ -233,8 +235,8 @@ fn serve_missing(shared: &HandlerShared, off: u64) {
             shared.counters.already_local.fetch_add(1, Ordering::Relaxed);
             repair(shared, chunk, off)
         } else {
-            let alone = chunks.end - chunks.start == 1;
-            crate::cache::with_fault_hint(off, alone, || shared.synced.fetch(chunks.clone()))
+            let fault = Fault { off, sequential: chunks.end - chunks.start > 1 };
+            shared.synced.fetch_for(chunks.clone(), fault)
         };
         match result {
             Ok(()) => {
@@ -278,5 +280,5 @@ fn repair(shared: &HandlerShared, chunk: u64, off: u64) -> io::Result<()> {
     let bytes = geometry.byte_range(chunk..chunk + 1);
     let mut buf = vec![0u8; to_usize(bytes.end - bytes.start)];
     shared.synced.remote().read_at(&mut buf, bytes.start)?;
-    shared.cache.install(&buf, bytes.start).map(|_| ())
+    shared.cache.fill(&buf, bytes.start, Some(Fault { off, sequential: false }))
 }

@@ -4,11 +4,12 @@
 //!
 //! [`Region::open`] maps anonymous memory, registers it with userfaultfd for missing-page (and
 //! write-protect) faults and starts handler threads. The region's memory is the local cache of
-//! the chunk pipeline: [`RegionCache`] is a [`Backend`](r3map_core::Backend) whose `write_at`
-//! installs pages with `UFFDIO_COPY`, so the core [`Synced`](r3map_core::Synced) layer (one pull
-//! per missing chunk, invalidation), [`Puller`](r3map_core::Puller) (background pull in priority
-//! order, many bytes in flight) and [`Pusher`](r3map_core::Pusher) (merged write-back) work on it
-//! unchanged.
+//! the chunk pipeline: [`RegionCache`] is a [`Cache`](r3map_core::pipeline::Cache) whose fills
+//! install missing pages with `UFFDIO_COPY` (never overwriting a present page), whose writes
+//! replace the bytes, and which reports the pages the write tracking found written, so the core
+//! [`Synced`](r3map_core::Synced) layer (one pull per missing chunk, invalidation),
+//! [`Puller`](r3map_core::Puller) (background pull in priority order, many bytes in flight) and
+//! [`Pusher`](r3map_core::Pusher) (merged write-back) work on it unchanged.
 //!
 //! - **Fault-around**: a fault fills its whole chunk (64 KiB by default) with one remote read.
 //!   Faults that walk forward read ahead (up to [`RegionOptions::readahead`]); the faulting
@@ -25,9 +26,9 @@
 //!   handlers too: the descriptor is created without `UFFD_USER_MODE_ONLY`
 //!   ([`Region::read_from`], [`Region::write_to`]).
 //! - **Access**: there is no `&[u8]` view, because other threads and the kernel change the bytes
-//!   under it. Use [`Region::read`] / [`Region::write`] (volatile copies; the chunks are fetched
-//!   first, so a failing remote is an error there), the byte and word accessors, or the raw
-//!   [`Region::as_ptr`].
+//!   under it. Use [`Region::read`] / [`Region::write`] (volatile copies; the chunks they need
+//!   are fetched first, so a failing remote is an error there), the byte and word accessors, or
+//!   the raw [`Region::as_ptr`].
 //!
 //! # Failure policy
 //! A handler that cannot fetch a faulting chunk retries it [`RegionOptions::fault_retries`]
@@ -41,8 +42,8 @@
 //! - Never touch the region from a thread that serves its faults (a fault there could never be
 //!   served). The handlers and the pull workers only issue ioctls; the pusher reads present
 //!   pages only.
-//! - Writes go through the mapping, never through `Synced::write_at` of the region's pipeline
-//!   (which only installs into missing pages and would leave present ones unchanged).
+//! - Writes go through the mapping (tracked by write-protect) or through the pipeline
+//!   ([`Region::write`], `Synced::write_at`: marked dirty directly). Both are pushed.
 //! - `MADV_DONTNEED` by the application on the region discards the local data of those pages:
 //!   the next access fetches them from the remote again.
 //! - Closing or dropping the region pushes what was written, stops the background threads and

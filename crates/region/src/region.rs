@@ -136,15 +136,15 @@ pub struct RegionStats {
 struct Core {
     memory: Arc<RegionMemory>,
     cache: Arc<RegionCache>,
-    synced: Arc<Synced>,
+    synced: Arc<Synced<RegionCache>>,
     tracker: Arc<Tracker>,
-    pusher: Mutex<Option<Pusher>>,
+    pusher: Mutex<Option<Pusher<RegionCache>>>,
     size: u64,
 }
 
 impl Core {
+    /// The push collects the pages the tracking found written first (the cache reports them).
     fn sync(&self) -> io::Result<PushCycle> {
-        self.tracker.scan()?;
         let pusher = self.pusher.lock().expect("region pusher lock");
         let Some(pusher) = pusher.as_ref() else {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the region is closed"));
@@ -199,7 +199,7 @@ impl Syncer {
 /// [crate docs](crate).
 pub struct Region {
     core: Arc<Core>,
-    puller: Option<Puller>,
+    puller: Option<Puller<RegionCache>>,
     handlers: Option<Handlers>,
     syncer: Option<Syncer>,
     features: Features,
@@ -270,19 +270,16 @@ impl Region {
             AnonMapping::new(to_usize(size)).map_err(|source| RegionError::Map { len: size, source })?;
         uffd.register(&mapping, mode).map_err(RegionError::Register)?;
         let memory = Arc::new(RegionMemory { mapping, uffd });
-        let cache = Arc::new(RegionCache::new(Arc::clone(&memory), size, tracking != WriteTracking::Off));
+        let tracker =
+            Arc::new(Tracker::new(tracking, Arc::clone(&memory), size, page).map_err(RegionError::Pipeline)?);
+        let cache = Arc::new(RegionCache::new(Arc::clone(&memory), size, Arc::clone(&tracker)));
         let synced_options = SyncedOptions {
             chunk_size: options.chunk_size,
             max_request: options.max_request.max(options.chunk_size),
             on_chunk_local: None,
         };
         let synced = Arc::new(
-            Synced::new(remote, Arc::clone(&cache) as SharedBackend, synced_options)
-                .map_err(RegionError::Pipeline)?,
-        );
-        let tracker = Arc::new(
-            Tracker::new(tracking, Arc::clone(&memory), Arc::clone(&synced), page)
-                .map_err(RegionError::Pipeline)?,
+            Synced::with_cache(remote, Arc::clone(&cache), synced_options).map_err(RegionError::Pipeline)?,
         );
         let stop_fd = rustix::event::eventfd(
             0,
@@ -365,13 +362,14 @@ impl Region {
         self.core.tracker.mode()
     }
 
+    /// The chunk pipeline over the region's memory.
     #[must_use]
-    pub fn synced(&self) -> &Arc<Synced> {
+    pub fn synced(&self) -> &Arc<Synced<RegionCache>> {
         &self.core.synced
     }
 
     #[must_use]
-    pub fn puller(&self) -> Option<&Puller> {
+    pub fn puller(&self) -> Option<&Puller<RegionCache>> {
         self.puller.as_ref()
     }
 
@@ -399,18 +397,13 @@ impl Region {
         self.core.memory.mapping.read(to_usize(off), buf)
     }
 
-    /// Copies `buf` into the region at `off`; its chunks become dirty and are pushed.
+    /// Copies `buf` into the region at `off` through the pipeline: a chunk written whole is not
+    /// fetched first, one written in part is. Its chunks become dirty and are pushed.
     ///
     /// # Errors
     /// `InvalidInput` past the end; the fetch error.
     pub fn write(&self, off: u64, buf: &[u8]) -> io::Result<()> {
-        self.fetch_range(off, len64(buf))?;
-        self.core.memory.mapping.write(to_usize(off), buf)?;
-        if !buf.is_empty() {
-            let chunks = self.core.synced.geometry().chunks_touched(off, len64(buf));
-            self.core.synced.mark_dirty(chunks.map(Chunk));
-        }
-        Ok(())
+        self.core.synced.write_at(buf, off)
     }
 
     /// Reads one byte (a volatile load; a missing page faults to the handlers like any access).
@@ -491,7 +484,7 @@ impl Region {
     /// # Errors
     /// A failed scan.
     pub fn scan(&self) -> io::Result<Vec<Range<u64>>> {
-        self.core.tracker.scan()
+        self.core.tracker.scan(&mut self.mark_written())
     }
 
     /// Starts a tracking epoch: from now on, [`Region::dirty_pages`] and
@@ -501,7 +494,7 @@ impl Region {
     /// # Errors
     /// `Unsupported` without write tracking; a failed scan.
     pub fn track(&self) -> io::Result<()> {
-        self.core.tracker.track()
+        self.core.tracker.track(&mut self.mark_written())
     }
 
     /// Whether a tracking epoch is on.
@@ -516,7 +509,7 @@ impl Region {
     /// # Errors
     /// `Unsupported` without write tracking; a failed scan.
     pub fn dirty_pages(&self) -> io::Result<Vec<Range<u64>>> {
-        self.core.tracker.epoch_ranges(false)
+        self.core.tracker.epoch_ranges(false, &mut self.mark_written())
     }
 
     /// The chunks written since [`Region::track`], in ascending order.
@@ -524,8 +517,14 @@ impl Region {
     /// # Errors
     /// As [`Region::dirty_pages`].
     pub fn dirty_chunks(&self) -> io::Result<Vec<Chunk>> {
-        let pages = self.core.tracker.epoch_ranges(false)?;
+        let pages = self.core.tracker.epoch_ranges(false, &mut self.mark_written())?;
         Ok(self.pages_to_chunks(&pages))
+    }
+
+    /// What a scan does with the ranges it finds: the pipeline marks their chunks dirty.
+    fn mark_written(&self) -> impl FnMut(Range<u64>) + '_ {
+        let synced = &self.core.synced;
+        move |bytes| synced.mark_written(bytes)
     }
 
     fn pages_to_chunks(&self, pages: &[Range<u64>]) -> Vec<Chunk> {
@@ -609,9 +608,9 @@ impl Region {
         let mut result = Ok(());
         let pusher = self.core.pusher.lock().expect("region pusher lock").take();
         if let Some(pusher) = pusher {
-            // The push reads present pages only, but a page the application dropped would fault:
-            // the handlers stop after it.
-            result = self.core.tracker.scan().map(|_| ()).and_then(|()| pusher.close());
+            // The push collects the written pages and reads present pages only, but a page the
+            // application dropped would fault: the handlers stop after it.
+            result = pusher.close();
         }
         if let Some(mut h) = self.handlers.take() {
             h.stop();
@@ -668,12 +667,12 @@ impl Seeder for Region {
     }
 
     fn sync(&self) -> io::Result<Vec<Chunk>> {
-        let pages = self.core.tracker.epoch_ranges(true)?;
+        let pages = self.core.tracker.epoch_ranges(true, &mut self.mark_written())?;
         Ok(self.pages_to_chunks(&pages))
     }
 
     fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
-        let pages = self.core.tracker.epoch_take()?;
+        let pages = self.core.tracker.epoch_take(&mut self.mark_written())?;
         Ok(self.pages_to_chunks(&pages))
     }
 }

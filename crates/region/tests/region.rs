@@ -16,6 +16,7 @@ use r3map_core::backend::{Backend, SharedBackend};
 use r3map_core::backends::Memory;
 use r3map_core::layers::fault::FaultConfig;
 use r3map_core::layers::{Delay, FaultInject};
+use r3map_core::pipeline::Cache as _;
 use r3map_core::pipeline::puller::PullerOptions;
 use r3map_core::{Chunk, Seeder};
 use r3map_region::{Region, RegionError, RegionOptions, WriteTracking};
@@ -301,6 +302,92 @@ fn invalidate_fetches_the_chunk_again() {
     region.read(3 * 64 * KIB, &mut back).unwrap();
     assert!(back == newer);
     assert!(region.invalidate(0..100).is_err());
+    region.close().unwrap();
+}
+
+const CHUNK: u64 = 64 * KIB;
+
+#[test]
+fn a_fill_never_overwrites_what_the_application_wrote_and_a_write_does() {
+    let _w = Watchdog::new("fill and write", 60);
+    let data = pattern(30, (4 * CHUNK) as usize);
+    let remote = Arc::new(Memory::from_bytes(&data));
+    let Some(region) = open(remote, on_demand()) else { return };
+    let cache = region.synced().local();
+    // The application writes page 3 of chunk 0 through the pointer (the fault fetches the chunk).
+    region.write_u64(3 * PAGE + 8, 0x0102_0304_0506_0708).unwrap();
+    let mut expected = data[..CHUNK as usize].to_vec();
+    expected[(3 * PAGE + 8) as usize..(3 * PAGE + 16) as usize]
+        .copy_from_slice(&0x0102_0304_0506_0708u64.to_ne_bytes());
+    // The fault's thread resumes after its page: a read of the chunk waits for the rest.
+    let mut back = vec![0u8; CHUNK as usize];
+    region.read(0, &mut back).unwrap();
+    let existing = region.stats().existing_bytes;
+    // A fill of the chunk (older bytes from the remote) leaves every present page as it is.
+    cache.fill(&vec![0xee; CHUNK as usize], 0, None).unwrap();
+    region.read(0, &mut back).unwrap();
+    assert!(back == expected, "a fill changed a present page");
+    assert_eq!(region.stats().existing_bytes - existing, CHUNK);
+    // A write replaces the bytes, the application's included.
+    let newer = pattern(31, CHUNK as usize);
+    cache.write_at(&newer, 0).unwrap();
+    region.read(0, &mut back).unwrap();
+    assert!(back == newer, "a write left bytes unchanged");
+    region.close().unwrap();
+}
+
+#[test]
+fn a_write_through_the_pipeline_is_pushed_and_reported_in_the_epoch() {
+    let _w = Watchdog::new("pipeline write", 60);
+    let size = 4 * CHUNK + 100;
+    let remote = Arc::new(Memory::from_bytes(&pattern(32, size as usize)));
+    let Some(region) = open(remote.clone(), on_demand()) else { return };
+    if region.tracking() == WriteTracking::Off {
+        return println!("skipped: no write tracking");
+    }
+    region.track().unwrap();
+    // Chunk 1 whole (nothing fetched), the tail chunk whole (its short page padded), and part of
+    // chunk 3 (fetched first).
+    let whole = pattern(33, CHUNK as usize);
+    region.write(CHUNK, &whole).unwrap();
+    region.write(4 * CHUNK, &[5u8; 100]).unwrap();
+    assert_eq!(region.stats().synced.pulled_chunks, 0, "whole chunks are not fetched");
+    region.write(3 * CHUNK + 10, &[6u8; 20]).unwrap();
+    assert_eq!(region.stats().synced.pulled_chunks, 1);
+    let mut back = vec![0u8; CHUNK as usize];
+    region.read(CHUNK, &mut back).unwrap();
+    assert!(back == whole);
+    // Installed pages are write-protected like filled ones: the epoch still has them.
+    assert_eq!(region.dirty_chunks().unwrap(), [Chunk(1), Chunk(3), Chunk(4)]);
+    region.sync().unwrap();
+    let mut expected = pattern(32, size as usize);
+    expected[CHUNK as usize..(2 * CHUNK) as usize].copy_from_slice(&whole);
+    expected[(4 * CHUNK) as usize..].fill(5);
+    expected[(3 * CHUNK + 10) as usize..(3 * CHUNK + 30) as usize].fill(6);
+    assert!(contents(&*remote) == expected, "the remote differs after sync");
+    region.close().unwrap();
+}
+
+#[test]
+fn a_fault_reaches_the_fill_which_installs_the_faulting_page_first() {
+    let _w = Watchdog::new("fault first", 60);
+    let remote = Arc::new(Memory::from_bytes(&pattern(34, (4 * CHUNK) as usize)));
+    let options = RegionOptions { readahead: CHUNK, ..on_demand() };
+    let Some(region) = open(remote, options) else { return };
+    let whole_chunk = |c: u64| {
+        // A read of the whole chunk waits for its fill to be done (the fault's thread resumes
+        // after the first page).
+        region.read(c * CHUNK, &mut vec![0u8; CHUNK as usize]).unwrap();
+        region.stats().copies
+    };
+    // A fault in the middle of chunk 0: its page, the rest after it, the part before it.
+    region.read_u8(5 * PAGE + 1).unwrap();
+    assert_eq!(whole_chunk(0), 3);
+    // A fault at the start of chunk 2: its page, then the rest.
+    region.read_u8(2 * CHUNK).unwrap();
+    assert_eq!(whole_chunk(2), 5);
+    // No fault: one copy.
+    assert_eq!(whole_chunk(3), 6);
     region.close().unwrap();
 }
 
