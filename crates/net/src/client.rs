@@ -1,35 +1,33 @@
 //! [`RemoteBackend`]: a [`Backend`] served by an r3map server, with many requests in flight per
 //! connection, optional several connections, and reconnection.
 //!
-//! The public API is blocking, like every `Backend`; inside, each connection is a tokio task on the
+//! The connections are a [`Mux`] (pipelining, request classes, deadlines, reconnection with
+//! backoff, resend): this module brings the r3map protocol's handshake and framing to it, and the
+//! `Backend` on top. The public API is blocking, like every `Backend`; the connections run on the
 //! runtime of [`ClientOptions::io`] (the process's shared one unless the caller gives its own), so
-//! it may be called from any thread, a tokio worker included. A connection writes requests as they come, and a reader hands replies back by id in whatever
-//! order they arrive.
+//! it may be called from any thread, a tokio worker included.
 //!
-//! Reconnection: when a connection breaks, requests that had no answer yet are sent again on the
-//! next connection, in their original order, once it is up (reconnecting with exponential backoff).
-//! Every request is safe to repeat: positional writes, trims and flushes are idempotent, and the
-//! server keeps its last answers to `take_dirty` (numbered rounds) and `sync`, so a round or the
-//! final sync asked for again gets the chunk list it would have had. Every request has a
-//! deadline (`timeout`): a caller waits for the answer, through reconnections, until then, and gets
-//! `TimedOut` after, never stale or made-up data.
+//! Every request is safe to repeat after a reconnection: positional writes, trims and flushes are
+//! idempotent, and the server keeps its last answers to `take_dirty` (numbered rounds) and `sync`,
+//! so a round or the final sync asked for again gets the chunk list it would have had. Every
+//! request has a deadline (`timeout`): a caller waits for the answer, through reconnections, until
+//! then, and gets `TimedOut` after, never stale or made-up data.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use r3map_core::backend::len64;
 use r3map_core::{Backend, Capabilities, Chunk, Seeder, check_range};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::errno;
-use crate::frame_io::write_frame;
+use crate::mux::{Class, Codec, ConnectError, InFlight, Mux, MuxOptions, ReadEnd, Ticket};
 use crate::pool::BufPool;
 use crate::proto::{
     self, ClientHello, ExportInfo, Op, REPLY_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
@@ -169,54 +167,150 @@ impl ClientOptions {
     }
 }
 
-/// One request on its way, and where its answer goes.
-struct Request {
-    header: RequestHeader,
-    payload: Arc<Vec<u8>>,
-    reply: std_mpsc::SyncSender<io::Result<Vec<u8>>>,
-    deadline: Instant,
-}
-
-impl Request {
-    fn fail(self, e: io::Error) {
-        let _ = self.reply.send(Err(e));
-    }
-}
-
-fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "the client is closed")
-}
-
-/// Requests of at most this many bytes are small: with two connections or more, they keep off
-/// the connections that carry larger transfers (see [`RemoteBackend::lane`]).
+/// Requests of more than this many bytes are background transfers (a pull's or a push's); smaller
+/// ones are demand requests, sent first (see [`r3map_net::mux`](crate::mux)).
 const SMALL_REQUEST: u64 = 1 << 20;
 
-/// [`RemoteBackend::lane`] for the connections whose large requests in flight are `bulk`, on the
-/// caller's `turn` (a counter that spreads requests round the connections).
-fn pick_lane(bulk: &[AtomicUsize], turn: usize, bytes: u64) -> usize {
-    let n = bulk.len();
-    if n < 2 {
-        return 0;
-    }
-    if bytes > SMALL_REQUEST {
-        return 1 + turn % (n - 1);
-    }
-    (0..n).map(|k| (turn + k) % n).find(|&i| bulk[i].load(Ordering::Relaxed) == 0).unwrap_or(0)
+/// A request as the connection keeps it: its header (the id is the connection's) and the data
+/// of a write.
+#[derive(Debug)]
+struct Request {
+    header: RequestHeader,
+    payload: Pooled,
 }
 
-/// A request on its way: where its answer arrives, and its place among the large transfers in
-/// flight, given back when the caller is done with it.
-struct Sent<'a> {
-    rx: std_mpsc::Receiver<io::Result<Vec<u8>>>,
-    _bulk: Option<BulkSlot<'a>>,
+/// A payload buffer from the client's pool, shared with the writer while it is sent.
+#[derive(Debug, Clone)]
+struct Pooled(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
-/// One large request counted on its connection until dropped.
-struct BulkSlot<'a>(&'a AtomicUsize);
+/// What a request is, for messages.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    op: Op,
+    offset: u64,
+    length: u32,
+}
 
-impl Drop for BulkSlot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.op {
+            Op::Read | Op::Write | Op::Trim | Op::WriteZeroes => {
+                write!(f, "{} of {} bytes at offset {}", self.op.name(), self.length, self.offset)
+            }
+            op => f.write_str(op.name()),
+        }
+    }
+}
+
+/// The r3map protocol's part of a connection: its handshake and framing.
+struct Native {
+    target: Target,
+    pool: Arc<BufPool>,
+    peer: String,
+}
+
+impl Codec for Native {
+    type Request = Request;
+    type Reply = Vec<u8>;
+    type Session = ExportInfo;
+    type ReadState = ();
+    type Summary = Summary;
+    type Payload = Pooled;
+
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    async fn connect(&self) -> Result<(BoxedIo, ExportInfo), ConnectError> {
+        self.target.connect().await.map_err(|error| ConnectError {
+            permanent: matches!(
+                error.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound | io::ErrorKind::Unsupported
+            ),
+            error,
+        })
+    }
+
+    fn check_reconnect(&self, first: &ExportInfo, now: &ExportInfo) -> io::Result<()> {
+        if first.flags & export_flags::VOLATILE != 0 && now.instance != first.instance {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!(
+                    "the server at {} restarted, and its export keeps nothing across a restart \
+                     (memory, or storage emptied on start): the data written before is gone",
+                    self.target.address
+                ),
+            ));
+        }
+        if now.size != first.size || now.chunk_size != first.chunk_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the export changed on reconnect (size {} → {}, chunk size {} → {})",
+                    first.size, now.size, first.chunk_size, now.chunk_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn summary(&self, r: &Request) -> Summary {
+        Summary { op: r.header.op, offset: r.header.offset, length: r.header.length }
+    }
+
+    fn cost(&self, r: &Request) -> u64 {
+        match r.header.op {
+            Op::Read | Op::Write => u64::from(r.header.length),
+            _ => 0,
+        }
+    }
+
+    fn encode(&self, id: u64, r: &Request, header: &mut Vec<u8>) -> Option<Pooled> {
+        header.extend_from_slice(&RequestHeader { id, ..r.header }.encode());
+        (r.header.op == Op::Write).then(|| r.payload.clone())
+    }
+
+    fn goodbye(&self, id: u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(
+            &RequestHeader { op: Op::Disconnect, flags: 0, id, offset: 0, length: 0 }.encode(),
+        );
+    }
+
+    async fn read<R: AsyncRead + Unpin + Send>(
+        &self,
+        rd: &mut R,
+        session: &ExportInfo,
+        (): &mut (),
+        in_flight: &InFlight<Self>,
+    ) -> Result<(), ReadEnd> {
+        let mut header = [0u8; REPLY_HEADER_LEN];
+        rd.read_exact(&mut header).await?;
+        let h = ReplyHeader::decode(&header, session.max_request)
+            .map_err(|e| ReadEnd::Violation(format!("a malformed reply header: {e}")))?;
+        let mut payload = self.pool.take(h.length as usize);
+        rd.read_exact(&mut payload).await?;
+        if !in_flight.contains(h.id) {
+            return Err(ReadEnd::Violation(format!("an answer to request {}, which was never sent", h.id)));
+        }
+        let result = if h.status == 0 {
+            Ok(payload)
+        } else {
+            let message = String::from_utf8_lossy(&payload).into_owned();
+            self.pool.put(payload);
+            Err(errno::to_io(h.status, &message))
+        };
+        if let Some(request) = in_flight.complete(h.id, result)
+            && let Ok(p) = Arc::try_unwrap(request.payload.0)
+        {
+            self.pool.put(p);
+        }
+        Ok(())
     }
 }
 
@@ -224,18 +318,11 @@ impl Drop for BulkSlot<'_> {
 pub struct RemoteBackend {
     address: Address,
     info: ExportInfo,
-    conns: Vec<mpsc::UnboundedSender<Request>>,
-    next: AtomicUsize,
-    /// Large requests in flight on each connection (see [`RemoteBackend::lane`]).
-    bulk: Vec<AtomicUsize>,
+    mux: Mux<Native>,
     /// Number of the last pre-copy round asked for (sent with DIRTY, so that a round asked for
     /// again after a lost answer gets the same chunks).
     round: AtomicU64,
     pool: Arc<BufPool>,
-    timeout: Duration,
-    /// The connection tasks: they end once `conns` is dropped.
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    io: Io,
 }
 
 impl fmt::Debug for RemoteBackend {
@@ -243,7 +330,7 @@ impl fmt::Debug for RemoteBackend {
         f.debug_struct("RemoteBackend")
             .field("address", &self.address)
             .field("info", &self.info)
-            .field("connections", &self.conns.len())
+            .field("connections", &self.mux.connections())
             .finish()
     }
 }
@@ -352,64 +439,31 @@ impl RemoteBackend {
         Self::connect(address, options)
     }
 
-    /// Connects (the first connection now, so errors show here; the others in the background).
+    /// Connects: every connection at once, since a read someone waits for must not pay for a
+    /// handshake; the first connection's outcome is the client's (its error, the export it
+    /// describes), and another that fails now is opened on its first request.
     ///
     /// # Errors
     /// Unreachable server, TLS failure, refused credentials (`PermissionDenied`), unknown export
     /// (`NotFound`), or a timeout.
     pub fn connect(address: Address, options: ClientOptions) -> io::Result<Self> {
-        let runtime = options.io.clone().unwrap_or_else(Io::shared);
-        let target = Arc::new(Target { address: address.clone(), options });
-        // Every connection is opened now, all at once, rather than the others on their first
-        // request: a read someone waits for must not pay for a handshake (two round trips), and
-        // opening them side by side costs the round trips of one. The first connection's outcome
-        // is the client's (its error, the export it describes); another that fails here is
-        // opened on its first request.
-        let ((first, info), others) = runtime.block_on(async {
-            let mut tasks: Vec<_> = (0..target.options.connections.max(1))
-                .map(|_| {
-                    let target = Arc::clone(&target);
-                    tokio::spawn(async move { target.connect().await })
-                })
-                .collect();
-            let first = tasks.remove(0).await.map_err(io::Error::other)??;
-            let mut others = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                others.push(match t.await {
-                    Ok(Ok((io, now))) if now.size == first.1.size && now.instance == first.1.instance => {
-                        Some(io)
-                    }
-                    _ => None,
-                });
-            }
-            io::Result::Ok((first, others))
-        })?;
+        let io = options.io.clone().unwrap_or_else(Io::shared);
+        let mux_options = MuxOptions {
+            connections: options.connections.max(1),
+            timeout: options.timeout,
+            max_backoff: options.max_backoff,
+            close_grace: Duration::from_millis(500),
+            ..MuxOptions::default()
+        };
         let pool = Arc::new(BufPool::new(64));
-        let mut conns = Vec::new();
-        let mut tasks = Vec::new();
-        for io in std::iter::once(Some(first)).chain(others) {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tasks.push(runtime.handle().spawn(connection(
-                Arc::clone(&target),
-                info,
-                io,
-                rx,
-                Arc::clone(&pool),
-            )));
-            conns.push(tx);
-        }
-        Ok(Self {
-            address,
-            info,
-            conns,
-            next: AtomicUsize::new(0),
-            bulk: (0..target.options.connections.max(1)).map(|_| AtomicUsize::new(0)).collect(),
-            round: AtomicU64::new(0),
-            pool,
-            timeout: target.options.timeout,
-            tasks,
-            io: runtime,
-        })
+        let codec = Native {
+            peer: format!("the r3map server at {address}"),
+            target: Target { address: address.clone(), options },
+            pool: Arc::clone(&pool),
+        };
+        let mux = Mux::open(codec, mux_options, &io, |_| usize::MAX)?;
+        let info = *mux.session();
+        Ok(Self { address, info, mux, round: AtomicU64::new(0), pool })
     }
 
     /// What the server said about the export.
@@ -418,60 +472,21 @@ impl RemoteBackend {
         self.info
     }
 
-    fn send(&self, op: Op, offset: u64, length: u32, payload: Vec<u8>) -> io::Result<Sent<'_>> {
-        let (reply, rx) = std_mpsc::sync_channel(1);
+    /// Sends a request; a large transfer goes as background, so that small reads someone waits
+    /// for are sent first (and, with two connections or more, on another connection).
+    fn send(&self, op: Op, offset: u64, length: u32, payload: Vec<u8>) -> io::Result<Ticket<Native>> {
         let bytes = u64::from(length).max(len64(&payload));
+        let class = if bytes > SMALL_REQUEST { Class::Background } else { Class::Demand };
         let request = Request {
             header: RequestHeader { op, flags: 0, id: 0, offset, length },
-            payload: Arc::new(payload),
-            reply,
-            deadline: Instant::now() + self.timeout,
+            payload: Pooled(Arc::new(payload)),
         };
-        let i = self.lane(bytes);
-        let bulk = (bytes > SMALL_REQUEST).then(|| {
-            self.bulk[i].fetch_add(1, Ordering::Relaxed);
-            BulkSlot(&self.bulk[i])
-        });
-        self.conns[i].send(request).map_err(|_| closed())?;
-        Ok(Sent { rx, _bulk: bulk })
-    }
-
-    /// The connection a request of `bytes` goes on. With one connection, that one. With more, a
-    /// large transfer (a background pull's, say) never takes the first connection, and a small
-    /// request takes a connection without a large transfer in flight (the first one always
-    /// qualifies): so a read someone waits for is never queued behind megabytes of another
-    /// request's data, while small requests still spread over every connection when nothing
-    /// large is going on.
-    fn lane(&self, bytes: u64) -> usize {
-        pick_lane(&self.bulk, self.next.fetch_add(1, Ordering::Relaxed), bytes)
-    }
-
-    fn wait(&self, rx: &std_mpsc::Receiver<io::Result<Vec<u8>>>, op: Op) -> io::Result<Vec<u8>> {
-        self.wait_until(rx, op, Instant::now() + self.timeout)
-    }
-
-    /// Waits for an answer until `deadline` (shared by the requests of one call, so that a call of
-    /// many requests waits `timeout` in all, not `timeout` for each).
-    fn wait_until(
-        &self,
-        rx: &std_mpsc::Receiver<io::Result<Vec<u8>>>,
-        op: Op,
-        deadline: Instant,
-    ) -> io::Result<Vec<u8>> {
-        match crate::runtime::blocking(|| rx.recv_timeout(deadline.saturating_duration_since(Instant::now())))
-        {
-            Ok(r) => r,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer to a {} from {} within {:?}", op.name(), self.address, self.timeout),
-            )),
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(closed()),
-        }
+        self.mux.submit(class, request)
     }
 
     fn call(&self, op: Op, offset: u64, length: u32) -> io::Result<Vec<u8>> {
-        let sent = self.send(op, offset, length, Vec::new())?;
-        self.wait(&sent.rx, op)
+        let ticket = self.send(op, offset, length, Vec::new())?;
+        self.mux.wait(&ticket)
     }
 
     fn writable(&self) -> io::Result<()> {
@@ -499,26 +514,6 @@ impl RemoteBackend {
     }
 }
 
-impl Drop for RemoteBackend {
-    fn drop(&mut self) {
-        // Without their senders, the connections answer what they hold, say goodbye and end.
-        self.conns.clear();
-        let tasks = std::mem::take(&mut self.tasks);
-        if tokio::runtime::Handle::try_current().is_err() {
-            // From blocking code, give them a moment to do so; inside a runtime, they end on
-            // their own.
-            self.io.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                    for t in tasks {
-                        let _ = t.await;
-                    }
-                })
-                .await;
-            });
-        }
-    }
-}
-
 impl Backend for RemoteBackend {
     fn size(&self) -> u64 {
         self.info.size
@@ -543,10 +538,9 @@ impl Backend for RemoteBackend {
                 waits.push((r, i * max, piece.len(), sent));
             }
         }
-        let deadline = Instant::now() + self.timeout;
         let mut first_error = None;
         for (r, start, len, sent) in waits {
-            match self.wait_until(&sent.rx, Op::Read, deadline) {
+            match self.mux.wait(&sent) {
                 Ok(data) if data.len() == len => {
                     reads[r].1[start..start + len].copy_from_slice(&data);
                     self.pool.put(data);
@@ -576,10 +570,9 @@ impl Backend for RemoteBackend {
             let length = u32::try_from(piece.len()).expect("pieces are at most max_request");
             waits.push(self.send(Op::Write, off + (i * max) as u64, length, payload)?);
         }
-        let deadline = Instant::now() + self.timeout;
         let mut result = Ok(());
         for sent in waits {
-            if let Err(e) = self.wait_until(&sent.rx, Op::Write, deadline) {
+            if let Err(e) = self.mux.wait(&sent) {
                 result = result.and(Err(e));
             }
         }
@@ -647,242 +640,6 @@ impl Seeder for RemoteBackend {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, Request>>>;
-
-enum SessionEnd {
-    /// The client was dropped and nothing is left to send.
-    Closed,
-    Broken(io::Error),
-}
-
-/// One connection, across reconnections.
-async fn connection(
-    target: Arc<Target>,
-    info: ExportInfo,
-    mut first: Option<BoxedIo>,
-    mut rx: mpsc::UnboundedReceiver<Request>,
-    pool: Arc<BufPool>,
-) {
-    let mut queue: VecDeque<Request> = VecDeque::new();
-    let mut backoff = Duration::from_millis(50);
-    let mut next_id = 1u64;
-    // A connection that could not be opened with the others opens on its first request: only
-    // later ones are reconnections.
-    let mut connected_before = first.is_some();
-    loop {
-        let io = if let Some(io) = first.take() {
-            io
-        } else {
-            // Reconnect only when there is something to send.
-            if queue.is_empty() {
-                match rx.recv().await {
-                    Some(r) => queue.push_back(r),
-                    None => return,
-                }
-            }
-            // Everything waiting counts for the deadlines, not only what has been taken so far.
-            while let Ok(r) = rx.try_recv() {
-                queue.push_back(r);
-            }
-            expire(&mut queue, &target);
-            if queue.is_empty() {
-                continue;
-            }
-            match target.connect().await {
-                Ok((_, now)) if info.flags & export_flags::VOLATILE != 0 && now.instance != info.instance => {
-                    let e = io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!(
-                            "the server at {} restarted, and its export keeps nothing across a restart \
-                             (memory, or storage emptied on start): the data written before is gone",
-                            target.address
-                        ),
-                    );
-                    tracing::error!(address = %target.address, "{e}");
-                    fail_all(&mut queue, &e);
-                    tokio::time::sleep(backoff).await;
-                    continue;
-                }
-                Ok((io, now)) if now.size == info.size && now.chunk_size == info.chunk_size => {
-                    backoff = Duration::from_millis(50);
-                    if connected_before {
-                        tracing::info!(address = %target.address, "reconnected");
-                    } else {
-                        tracing::debug!(address = %target.address, "connected");
-                    }
-                    connected_before = true;
-                    io
-                }
-                Ok((_, now)) => {
-                    let msg = format!("the export changed on reconnect (size {} → {})", info.size, now.size);
-                    fail_all(&mut queue, &io::Error::new(io::ErrorKind::InvalidData, msg));
-                    tokio::time::sleep(backoff).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(address = %target.address, error = %e, retry_in = ?backoff, "reconnecting failed");
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::PermissionDenied
-                            | io::ErrorKind::NotFound
-                            | io::ErrorKind::Unsupported
-                    ) {
-                        fail_all(&mut queue, &e);
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(target.options.max_backoff);
-                    continue;
-                }
-            }
-        };
-        let max_payload = info.max_request;
-        let (rd, wr) = tokio::io::split(io);
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        let mut reader =
-            Some(tokio::spawn(read_replies(rd, Arc::clone(&pending), Arc::clone(&pool), max_payload)));
-        let end = write_requests(wr, &mut rx, &mut queue, &pending, &mut next_id, &mut reader).await;
-        if let Some(reader) = reader {
-            reader.abort();
-            let _ = reader.await;
-        }
-        // Whatever was sent without an answer goes again, first and in order.
-        let mut unanswered: Vec<Request> =
-            pending.lock().expect("pending lock").drain().map(|(_, r)| r).collect();
-        unanswered.sort_by_key(|r| r.header.id);
-        for r in unanswered.into_iter().rev() {
-            queue.push_front(r);
-        }
-        match end {
-            SessionEnd::Closed if queue.is_empty() => return,
-            SessionEnd::Closed => {}
-            SessionEnd::Broken(e) => {
-                tracing::warn!(address = %target.address, error = %e, requests = queue.len(), "connection lost; reconnecting");
-            }
-        }
-    }
-}
-
-/// Fails the requests whose deadline passed while they waited for a connection.
-fn expire(queue: &mut VecDeque<Request>, target: &Target) {
-    let now = Instant::now();
-    let (keep, expired): (VecDeque<Request>, VecDeque<Request>) =
-        queue.drain(..).partition(|r| r.deadline > now);
-    *queue = keep;
-    for r in expired {
-        r.fail(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "{} could not be reached within {:?}, the request's deadline",
-                target.address, target.options.timeout
-            ),
-        ));
-    }
-}
-
-fn fail_all(queue: &mut VecDeque<Request>, e: &io::Error) {
-    for r in queue.drain(..) {
-        r.fail(io::Error::new(e.kind(), e.to_string()));
-    }
-}
-
-async fn write_requests(
-    wr: WriteHalf<BoxedIo>,
-    rx: &mut mpsc::UnboundedReceiver<Request>,
-    queue: &mut VecDeque<Request>,
-    pending: &Pending,
-    next_id: &mut u64,
-    reader: &mut Option<tokio::task::JoinHandle<io::Error>>,
-) -> SessionEnd {
-    let mut out = BufWriter::with_capacity(256 * 1024, wr);
-    loop {
-        let request = if let Some(r) = queue.pop_front() {
-            r
-        } else {
-            if let Err(e) = out.flush().await {
-                return SessionEnd::Broken(e);
-            }
-            let Some(running) = reader.as_mut() else {
-                return SessionEnd::Broken(io::Error::other("the reply reader stopped"));
-            };
-            tokio::select! {
-                biased;
-                e = running => {
-                    *reader = None;
-                    return SessionEnd::Broken(e.unwrap_or_else(|j| io::Error::other(j.to_string())));
-                }
-                r = rx.recv() => match r {
-                    Some(r) => r,
-                    None => {
-                        // Nobody is left to wait for answers still due: say goodbye.
-                        let bye = RequestHeader { op: Op::Disconnect, flags: 0, id: 0, offset: 0, length: 0 };
-                        let _ = out.write_all(&bye.encode()).await;
-                        let _ = out.flush().await;
-                        return SessionEnd::Closed;
-                    }
-                },
-            }
-        };
-        if request.deadline <= Instant::now() {
-            request.fail(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the request's deadline passed before it could be sent",
-            ));
-            continue;
-        }
-        let mut header = request.header;
-        header.id = *next_id;
-        *next_id += 1;
-        let payload = Arc::clone(&request.payload);
-        pending.lock().expect("pending lock").insert(header.id, Request { header, ..request });
-        let sent = async {
-            let body: &[u8] = if header.op == Op::Write { &payload } else { &[] };
-            write_frame(&mut out, &header.encode(), body).await
-        };
-        if let Err(e) = sent.await {
-            return SessionEnd::Broken(e);
-        }
-    }
-}
-
-async fn read_replies(
-    mut rd: ReadHalf<BoxedIo>,
-    pending: Pending,
-    pool: Arc<BufPool>,
-    max_payload: u32,
-) -> io::Error {
-    let mut header = [0u8; REPLY_HEADER_LEN];
-    loop {
-        if let Err(e) = rd.read_exact(&mut header).await {
-            return e;
-        }
-        let h = match ReplyHeader::decode(&header, max_payload) {
-            Ok(h) => h,
-            Err(e) => return e.into(),
-        };
-        let mut payload = pool.take(h.length as usize);
-        if let Err(e) = rd.read_exact(&mut payload).await {
-            return e;
-        }
-        let Some(request) = pending.lock().expect("pending lock").remove(&h.id) else {
-            return io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the server answered request {} that was never sent", h.id),
-            );
-        };
-        if let Ok(p) = Arc::try_unwrap(request.payload) {
-            pool.put(p);
-        }
-        let result = if h.status == 0 {
-            Ok(payload)
-        } else {
-            let message = String::from_utf8_lossy(&payload).into_owned();
-            pool.put(payload);
-            Err(errno::to_io(h.status, &message))
-        };
-        let _ = request.reply.send(result);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -895,39 +652,5 @@ mod tests {
         // Not NotFound: the reconnect loop fails every waiting request at once on that.
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
         assert!(e.to_string().contains("gone.sock") && e.to_string().contains("server running"), "{e}");
-    }
-
-    fn lanes(counts: &[usize]) -> Vec<AtomicUsize> {
-        counts.iter().map(|&c| AtomicUsize::new(c)).collect()
-    }
-
-    #[test]
-    fn one_connection_takes_everything() {
-        let bulk = lanes(&[3]);
-        for turn in 0..4 {
-            assert_eq!(pick_lane(&bulk, turn, 1), 0);
-            assert_eq!(pick_lane(&bulk, turn, 64 << 20), 0);
-        }
-    }
-
-    #[test]
-    fn large_transfers_keep_off_the_first_connection() {
-        let bulk = lanes(&[0, 0, 0, 0]);
-        let picked: Vec<usize> = (0..6).map(|turn| pick_lane(&bulk, turn, SMALL_REQUEST + 1)).collect();
-        assert_eq!(picked, [1, 2, 3, 1, 2, 3]);
-    }
-
-    #[test]
-    fn small_requests_spread_while_nothing_large_is_in_flight_then_avoid_it() {
-        let idle = lanes(&[0, 0, 0]);
-        let picked: Vec<usize> = (0..3).map(|turn| pick_lane(&idle, turn, 4096)).collect();
-        assert_eq!(picked, [0, 1, 2]);
-        // Connections 1 and 2 carry large transfers: every small request takes connection 0.
-        let busy = lanes(&[0, 2, 1]);
-        assert!((0..6).all(|turn| pick_lane(&busy, turn, SMALL_REQUEST) == 0));
-        // Only connection 1 is busy: small requests use 0 and 2.
-        let one = lanes(&[0, 1, 0]);
-        let picked: Vec<usize> = (0..3).map(|turn| pick_lane(&one, turn, 4096)).collect();
-        assert_eq!(picked, [0, 2, 2]);
     }
 }

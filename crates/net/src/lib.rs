@@ -15,6 +15,8 @@
 //! - [`security`]: TLS configurations and the stream type.
 //! - [`server`]: [`Server`], [`Export`], [`ServerHandle`].
 //! - [`client`]: [`RemoteBackend`] with reconnection, and its [`Address`] URLs.
+//! - [`mux`]: [`Mux`](mux::Mux), the multiplexed client every protocol's client is built on
+//!   (pipelining, request classes, deadlines, reconnection).
 //! - [`pool`]: reusable payload buffers.
 //! - [`certs`]: a private CA and the certificates it signs, for mutual TLS.
 //! - [`runtime`]: [`Io`], the runtime async work runs on (the caller's, or one shared by the
@@ -24,6 +26,7 @@ pub mod certs;
 pub mod client;
 pub mod errno;
 mod frame_io;
+pub mod mux;
 pub mod pool;
 pub mod proto;
 pub mod runtime;
