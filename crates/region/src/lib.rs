@@ -6,10 +6,11 @@
 //! write-protect) faults and starts handler threads. The region's memory is the local cache of
 //! the chunk pipeline: [`RegionCache`] is a [`Cache`](r3map_core::pipeline::Cache) whose fills
 //! install missing pages with `UFFDIO_COPY` (never overwriting a present page), whose writes
-//! replace the bytes, and which reports the pages the write tracking found written, so the core
-//! [`Synced`](r3map_core::Synced) layer (one pull per missing chunk, invalidation),
-//! [`Puller`](r3map_core::Puller) (background pull in priority order, many bytes in flight) and
-//! [`Pusher`](r3map_core::Pusher) (merged write-back) work on it unchanged.
+//! replace the bytes, and which reports the pages the write tracking found written. The region
+//! runs the same managed stack as the other frontends ([`Managed`](r3map_core::Managed): the
+//! [`Synced`](r3map_core::Synced) layer with one pull per missing chunk and invalidation, a
+//! [`Puller`](r3map_core::Puller) pulling in priority order with many bytes in flight, a
+//! [`Pusher`](r3map_core::Pusher) with merged write-back) over it.
 //!
 //! - **Fault-around**: a fault fills its whole chunk (64 KiB by default) with one remote read.
 //!   Faults that walk forward read ahead (up to [`RegionOptions::readahead`]); the faulting
@@ -46,8 +47,8 @@
 //!   ([`Region::write`], `Synced::write_at`: marked dirty directly). Both are pushed.
 //! - `MADV_DONTNEED` by the application on the region discards the local data of those pages:
 //!   the next access fetches them from the remote again.
-//! - Closing or dropping the region pushes what was written, stops the background threads and
-//!   the handlers (in that order), then unmaps; the pointer dangles afterwards.
+//! - Closing or dropping the region stops the background pull, pushes what was written and
+//!   flushes the remote, then stops the handlers and unmaps; the pointer dangles afterwards.
 //!
 //! It does not map files or shared memory (private anonymous memory only), does not use huge
 //! pages, and does not serve minor faults.

@@ -5,15 +5,14 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use r3map_core::backend::{Backend, Capabilities, SharedBackend, check_range, len64};
 use r3map_core::pipeline::puller::{PullProgress, PullerOptions};
 use r3map_core::pipeline::pusher::{PushCycle, PusherOptions};
 use r3map_core::pipeline::synced::{SyncedOptions, SyncedStats};
-use r3map_core::{Chunk, Puller, Pusher, Seeder, Synced};
+use r3map_core::{Chunk, Managed, ManagedOptions, Puller, Seeder, Synced};
 use r3map_sys::uffd::{Features, RegisterMode};
 use r3map_sys::{AnonMapping, PageMap, Uffd};
 
@@ -39,9 +38,10 @@ pub struct RegionOptions {
     /// priority while the handlers and the application run at normal priority (a cold read of
     /// 1 GiB ran at 2.3 GB/s with 16 MiB requests and 7.2 GB/s with 4 MiB).
     pub pull: Option<PullerOptions>,
-    /// Background write-back: every `interval`, written pages are scanned and their chunks pushed.
-    /// `None` pushes only on [`Region::sync`] and [`Region::close`]. The depth and request size
-    /// apply to every push.
+    /// Background write-back: every `interval`, written pages are scanned and their chunks pushed
+    /// (a failed cycle is retried with backoff; the remote is flushed by [`Region::sync`] and
+    /// [`Region::close`]). `None` pushes only on those two. The depth and request size apply to
+    /// every push.
     pub push: Option<PusherOptions>,
     /// How writes are tracked; default [`WriteTracking::Auto`].
     pub tracking: WriteTracking,
@@ -132,85 +132,30 @@ pub struct RegionStats {
     pub synced: SyncedStats,
 }
 
-/// State shared with the background write-back thread.
-struct Core {
-    memory: Arc<RegionMemory>,
-    cache: Arc<RegionCache>,
-    synced: Arc<Synced<RegionCache>>,
-    tracker: Arc<Tracker>,
-    pusher: Mutex<Option<Pusher<RegionCache>>>,
-    size: u64,
-}
-
-impl Core {
-    /// The push collects the pages the tracking found written first (the cache reports them).
-    fn sync(&self) -> io::Result<PushCycle> {
-        let pusher = self.pusher.lock().expect("region pusher lock");
-        let Some(pusher) = pusher.as_ref() else {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the region is closed"));
-        };
-        let cycle = pusher.push()?;
-        self.synced.remote().flush()?;
-        Ok(cycle)
-    }
-}
-
-struct Syncer {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: JoinHandle<()>,
-}
-
-impl Syncer {
-    fn start(core: Arc<Core>, interval: Duration) -> io::Result<Self> {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let flag = Arc::clone(&stop);
-        let thread = std::thread::Builder::new().name("r3map-region-sync".into()).spawn(move || {
-            let (lock, cv) = &*flag;
-            let mut stopped = lock.lock().expect("region sync lock");
-            loop {
-                let deadline = std::time::Instant::now() + interval;
-                while !*stopped && std::time::Instant::now() < deadline {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    stopped = cv.wait_timeout(stopped, left).expect("region sync lock").0;
-                }
-                if *stopped {
-                    return;
-                }
-                drop(stopped);
-                if let Err(e) = core.sync() {
-                    tracing::warn!(error = %e, "background write-back of the region failed; the chunks stay dirty");
-                }
-                stopped = lock.lock().expect("region sync lock");
-            }
-        })?;
-        Ok(Self { stop, thread })
-    }
-
-    fn stop(self) {
-        *self.stop.0.lock().expect("region sync lock") = true;
-        self.stop.1.notify_all();
-        // A panicked thread has nothing left to clean up.
-        let _ = self.thread.join();
-    }
-}
-
 /// A memory mapping of a remote backend's size whose pages are filled from the remote on first
 /// access (and by a background pull), whose writes are tracked and pushed back. See the
 /// [crate docs](crate).
+///
+/// The chunk pipeline is the managed stack of the other frontends ([`Managed`]) over the
+/// [`RegionCache`]: its pusher collects the pages the write tracking found written before every
+/// cycle, and it closes in the same order (stop the pull, push, flush the remote).
 pub struct Region {
-    core: Arc<Core>,
-    puller: Option<Puller<RegionCache>>,
+    memory: Arc<RegionMemory>,
+    cache: Arc<RegionCache>,
+    tracker: Arc<Tracker>,
+    /// Until shutdown.
+    managed: Option<Managed<RegionCache>>,
     handlers: Option<Handlers>,
-    syncer: Option<Syncer>,
+    size: u64,
     features: Features,
 }
 
 impl fmt::Debug for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Region")
-            .field("addr", &format_args!("{:#x}", self.core.memory.mapping.addr()))
-            .field("size", &self.core.size)
-            .field("tracking", &self.core.tracker.mode())
+            .field("addr", &format_args!("{:#x}", self.memory.mapping.addr()))
+            .field("size", &self.size)
+            .field("tracking", &self.tracker.mode())
             .field("features", &self.features)
             .finish_non_exhaustive()
     }
@@ -273,14 +218,23 @@ impl Region {
         let tracker =
             Arc::new(Tracker::new(tracking, Arc::clone(&memory), size, page).map_err(RegionError::Pipeline)?);
         let cache = Arc::new(RegionCache::new(Arc::clone(&memory), size, Arc::clone(&tracker)));
-        let synced_options = SyncedOptions {
-            chunk_size: options.chunk_size,
-            max_request: options.max_request.max(options.chunk_size),
-            on_chunk_local: None,
+        let managed_options = ManagedOptions {
+            synced: SyncedOptions {
+                chunk_size: options.chunk_size,
+                max_request: options.max_request.max(options.chunk_size),
+                on_chunk_local: None,
+            },
+            pull: options.pull,
+            // Always a pusher: without a background cycle it pushes on `sync` and `close`.
+            push: Some(
+                options.push.unwrap_or(PusherOptions { interval: Duration::MAX, ..PusherOptions::default() }),
+            ),
         };
-        let synced = Arc::new(
-            Synced::with_cache(remote, Arc::clone(&cache), synced_options).map_err(RegionError::Pipeline)?,
-        );
+        // The pull starts before the handlers: it only installs pages, and nothing faults before
+        // the region is returned.
+        let managed = Managed::start_with_cache(remote, Arc::clone(&cache), managed_options)
+            .map_err(RegionError::Pipeline)?;
+        let synced = Arc::clone(managed.synced());
         let stop_fd = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -305,32 +259,23 @@ impl Region {
         });
         let handlers =
             Handlers::start(handler_shared, options.handler_threads).map_err(RegionError::Spawn)?;
-        let push_options = options.push.clone().unwrap_or_default();
-        let manual = PusherOptions { interval: Duration::from_secs(365 * 24 * 3600), ..push_options };
-        let pusher = Pusher::start(Arc::clone(&synced), manual).map_err(RegionError::Pipeline)?;
-        let core = Arc::new(Core {
-            memory,
-            cache,
-            synced: Arc::clone(&synced),
-            tracker,
-            pusher: Mutex::new(Some(pusher)),
-            size,
-        });
-        let mut region = Self { core, puller: None, handlers: Some(handlers), syncer: None, features };
-        if let Some(pull) = options.pull {
-            region.puller = Some(Puller::start(synced, pull).map_err(RegionError::Pipeline)?);
-        }
-        if let Some(push) = options.push {
-            region.syncer =
-                Some(Syncer::start(Arc::clone(&region.core), push.interval).map_err(RegionError::Spawn)?);
-        }
-        Ok(region)
+        Ok(Self { memory, cache, tracker, managed: Some(managed), handlers: Some(handlers), size, features })
+    }
+
+    fn managed(&self) -> &Managed<RegionCache> {
+        self.managed.as_ref().expect("a region's pipeline lives until the region is closed")
+    }
+
+    /// What a scan does with the ranges it finds: the pipeline marks their chunks dirty.
+    fn mark_written(&self) -> impl FnMut(Range<u64>) + '_ {
+        let synced = self.synced();
+        move |bytes| synced.mark_written(bytes)
     }
 
     /// Size in bytes (the remote's).
     #[must_use]
     pub fn len(&self) -> usize {
-        to_usize(self.core.size)
+        to_usize(self.size)
     }
 
     /// Always false: an empty remote is rejected at open.
@@ -347,7 +292,7 @@ impl Region {
     /// region is closed or dropped.
     #[must_use]
     pub fn as_ptr(&self) -> *mut u8 {
-        self.core.memory.mapping.as_ptr()
+        self.memory.mapping.as_ptr()
     }
 
     /// The userfaultfd features enabled for this region.
@@ -359,32 +304,32 @@ impl Region {
     /// How writes are tracked here (never [`WriteTracking::Auto`]).
     #[must_use]
     pub fn tracking(&self) -> WriteTracking {
-        self.core.tracker.mode()
+        self.tracker.mode()
     }
 
     /// The chunk pipeline over the region's memory.
     #[must_use]
     pub fn synced(&self) -> &Arc<Synced<RegionCache>> {
-        &self.core.synced
+        self.managed().synced()
     }
 
     #[must_use]
     pub fn puller(&self) -> Option<&Puller<RegionCache>> {
-        self.puller.as_ref()
+        self.managed().puller()
     }
 
     /// The background pull's progress, if there is one.
     #[must_use]
     pub fn pull_progress(&self) -> Option<PullProgress> {
-        self.puller.as_ref().map(Puller::progress)
+        self.puller().map(Puller::progress)
     }
 
     fn fetch_range(&self, off: u64, len: u64) -> io::Result<()> {
-        check_range(off, len, self.core.size)?;
+        check_range(off, len, self.size)?;
         if len == 0 {
             return Ok(());
         }
-        self.core.synced.fetch(self.core.synced.geometry().chunks_touched(off, len))
+        self.synced().fetch(self.synced().geometry().chunks_touched(off, len))
     }
 
     /// Copies `buf.len()` bytes at `off` out of the region. The chunks are fetched first, so a
@@ -394,7 +339,7 @@ impl Region {
     /// `InvalidInput` past the end; the fetch error.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
         self.fetch_range(off, len64(buf))?;
-        self.core.memory.mapping.read(to_usize(off), buf)
+        self.memory.mapping.read(to_usize(off), buf)
     }
 
     /// Copies `buf` into the region at `off` through the pipeline: a chunk written whole is not
@@ -403,7 +348,7 @@ impl Region {
     /// # Errors
     /// `InvalidInput` past the end; the fetch error.
     pub fn write(&self, off: u64, buf: &[u8]) -> io::Result<()> {
-        self.core.synced.write_at(buf, off)
+        self.synced().write_at(buf, off)
     }
 
     /// Reads one byte (a volatile load; a missing page faults to the handlers like any access).
@@ -411,8 +356,8 @@ impl Region {
     /// # Errors
     /// `InvalidInput` past the end.
     pub fn read_u8(&self, off: u64) -> io::Result<u8> {
-        check_range(off, 1, self.core.size)?;
-        self.core.memory.mapping.read_u8(to_usize(off))
+        check_range(off, 1, self.size)?;
+        self.memory.mapping.read_u8(to_usize(off))
     }
 
     /// Writes one byte (a volatile store; a missing page faults to the handlers like any access).
@@ -421,8 +366,8 @@ impl Region {
     /// # Errors
     /// `InvalidInput` past the end.
     pub fn write_u8(&self, off: u64, value: u8) -> io::Result<()> {
-        check_range(off, 1, self.core.size)?;
-        self.core.memory.mapping.write_u8(to_usize(off), value)
+        check_range(off, 1, self.size)?;
+        self.memory.mapping.write_u8(to_usize(off), value)
     }
 
     /// Writes a native-endian `u64` (volatile stores; faults like any access; tracked like any
@@ -431,8 +376,8 @@ impl Region {
     /// # Errors
     /// `InvalidInput` past the end.
     pub fn write_u64(&self, off: u64, value: u64) -> io::Result<()> {
-        check_range(off, 8, self.core.size)?;
-        self.core.memory.mapping.write_u64(to_usize(off), value)
+        check_range(off, 8, self.size)?;
+        self.memory.mapping.write_u64(to_usize(off), value)
     }
 
     /// Reads `len` bytes of `file` at `file_off` straight into the region at `off` with one
@@ -443,8 +388,8 @@ impl Region {
     /// # Errors
     /// `InvalidInput` past the end; the `pread` error.
     pub fn read_from(&self, file: impl AsFd, file_off: u64, off: u64, len: usize) -> io::Result<usize> {
-        check_range(off, len as u64, self.core.size)?;
-        self.core.memory.mapping.pread_from(file.as_fd(), file_off, to_usize(off), len)
+        check_range(off, len as u64, self.size)?;
+        self.memory.mapping.pread_from(file.as_fd(), file_off, to_usize(off), len)
     }
 
     /// Writes `len` bytes of the region at `off` to `file` at `file_off` with one `pwrite(2)` (the
@@ -453,8 +398,8 @@ impl Region {
     /// # Errors
     /// `InvalidInput` past the end; the `pwrite` error.
     pub fn write_to(&self, file: impl AsFd, file_off: u64, off: u64, len: usize) -> io::Result<usize> {
-        check_range(off, len as u64, self.core.size)?;
-        self.core.memory.mapping.pwrite_to(file.as_fd(), file_off, to_usize(off), len)
+        check_range(off, len as u64, self.size)?;
+        self.memory.mapping.pwrite_to(file.as_fd(), file_off, to_usize(off), len)
     }
 
     /// Waits until every chunk is local: for the background pull, or, without one, by pulling
@@ -463,9 +408,9 @@ impl Region {
     /// # Errors
     /// The error that made the pull give up.
     pub fn wait_pulled(&self) -> io::Result<()> {
-        match &self.puller {
+        match self.puller() {
             Some(p) => p.wait(),
-            None => self.core.synced.fetch(0..self.core.synced.geometry().chunks()),
+            None => self.synced().fetch(0..self.synced().geometry().chunks()),
         }
     }
 
@@ -474,7 +419,10 @@ impl Region {
     /// # Errors
     /// A failed scan or push (the chunks stay dirty) or remote flush.
     pub fn sync(&self) -> io::Result<PushCycle> {
-        self.core.sync()
+        let pusher = self.managed().pusher().expect("a region always has a pusher");
+        let cycle = pusher.push()?;
+        self.synced().remote().flush()?;
+        Ok(cycle)
     }
 
     /// The pages written since the last scan (by anyone: the background write-back scans too),
@@ -484,7 +432,7 @@ impl Region {
     /// # Errors
     /// A failed scan.
     pub fn scan(&self) -> io::Result<Vec<Range<u64>>> {
-        self.core.tracker.scan(&mut self.mark_written())
+        self.tracker.scan(&mut self.mark_written())
     }
 
     /// Starts a tracking epoch: from now on, [`Region::dirty_pages`] and
@@ -494,13 +442,13 @@ impl Region {
     /// # Errors
     /// `Unsupported` without write tracking; a failed scan.
     pub fn track(&self) -> io::Result<()> {
-        self.core.tracker.track(&mut self.mark_written())
+        self.tracker.track(&mut self.mark_written())
     }
 
     /// Whether a tracking epoch is on.
     #[must_use]
     pub fn is_tracking(&self) -> bool {
-        self.core.tracker.is_tracking()
+        self.tracker.is_tracking()
     }
 
     /// The pages written since [`Region::track`], as byte ranges of whole pages (the last one
@@ -509,7 +457,7 @@ impl Region {
     /// # Errors
     /// `Unsupported` without write tracking; a failed scan.
     pub fn dirty_pages(&self) -> io::Result<Vec<Range<u64>>> {
-        self.core.tracker.epoch_ranges(false, &mut self.mark_written())
+        self.tracker.epoch_ranges(false, &mut self.mark_written())
     }
 
     /// The chunks written since [`Region::track`], in ascending order.
@@ -517,18 +465,12 @@ impl Region {
     /// # Errors
     /// As [`Region::dirty_pages`].
     pub fn dirty_chunks(&self) -> io::Result<Vec<Chunk>> {
-        let pages = self.core.tracker.epoch_ranges(false, &mut self.mark_written())?;
+        let pages = self.tracker.epoch_ranges(false, &mut self.mark_written())?;
         Ok(self.pages_to_chunks(&pages))
     }
 
-    /// What a scan does with the ranges it finds: the pipeline marks their chunks dirty.
-    fn mark_written(&self) -> impl FnMut(Range<u64>) + '_ {
-        let synced = &self.core.synced;
-        move |bytes| synced.mark_written(bytes)
-    }
-
     fn pages_to_chunks(&self, pages: &[Range<u64>]) -> Vec<Chunk> {
-        let geometry = self.core.synced.geometry();
+        let geometry = self.synced().geometry();
         let mut chunks: Vec<Chunk> = Vec::new();
         for r in pages {
             for c in geometry.chunks_touched(r.start, r.end - r.start) {
@@ -548,7 +490,7 @@ impl Region {
     /// # Errors
     /// `InvalidInput` for chunks past the end; the `madvise` error.
     pub fn invalidate(&self, chunks: Range<u64>) -> io::Result<()> {
-        let geometry = self.core.synced.geometry();
+        let geometry = self.synced().geometry();
         if chunks.end > geometry.chunks() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -558,10 +500,10 @@ impl Region {
         let bytes = geometry.byte_range(chunks.clone());
         let start = to_usize(bytes.start);
         let end = to_usize(bytes.end).next_multiple_of(r3map_sys::region_map::page_size());
-        let end = end.min(self.core.memory.mapping.len());
-        self.core.memory.mapping.discard(start, end - start)?;
-        self.core.synced.mark_remote(chunks.clone().map(Chunk));
-        if let Some(p) = &self.puller {
+        let end = end.min(self.memory.mapping.len());
+        self.memory.mapping.discard(start, end - start)?;
+        self.synced().mark_remote(chunks.clone().map(Chunk));
+        if let Some(p) = self.puller() {
             p.prioritize(chunks.map(Chunk));
         }
         Ok(())
@@ -570,7 +512,7 @@ impl Region {
     /// Counters of the handlers, the cache and the pipeline.
     #[must_use]
     pub fn stats(&self) -> RegionStats {
-        let mut s = RegionStats { synced: self.core.synced.stats(), ..RegionStats::default() };
+        let mut s = RegionStats { synced: self.synced().stats(), ..RegionStats::default() };
         if let Some(h) = &self.handlers {
             let c = &h.shared.counters;
             s.missing_faults = c.missing_faults.load(Ordering::Relaxed);
@@ -582,11 +524,11 @@ impl Region {
             s.fault_retries = c.retries.load(Ordering::Relaxed);
             s.poisoned_pages = c.poisoned_pages.load(Ordering::Relaxed);
         }
-        let cc = &self.core.cache.counters;
+        let cc = &self.cache.counters;
         s.copies = cc.copies.load(Ordering::Relaxed);
         s.copied_bytes = cc.copied_bytes.load(Ordering::Relaxed);
         s.existing_bytes = cc.existing_bytes.load(Ordering::Relaxed);
-        s.scans = self.core.tracker.scans.load(Ordering::Relaxed);
+        s.scans = self.tracker.scans.load(Ordering::Relaxed);
         s
     }
 
@@ -600,22 +542,14 @@ impl Region {
     }
 
     fn shutdown(&mut self) -> io::Result<()> {
-        if let Some(s) = self.syncer.take() {
-            s.stop();
-        }
-        // Dropping the puller stops its workers (requests in flight complete first).
-        drop(self.puller.take());
-        let mut result = Ok(());
-        let pusher = self.core.pusher.lock().expect("region pusher lock").take();
-        if let Some(pusher) = pusher {
-            // The push collects the written pages and reads present pages only, but a page the
-            // application dropped would fault: the handlers stop after it.
-            result = pusher.close();
-        }
+        // The managed stack's order: the pull stops (requests in flight complete first), the
+        // written pages are collected and pushed, the remote is flushed. The push reads present
+        // pages only, but a page the application dropped would fault: the handlers stop after it.
+        let result = self.managed.take().map_or(Ok(()), Managed::close);
         if let Some(mut h) = self.handlers.take() {
             h.stop();
         }
-        self.core.cache.close();
+        self.cache.close();
         result
     }
 }
@@ -634,7 +568,7 @@ impl Drop for Region {
 /// fetched first, errors returned), `flush` is [`Region::sync`]. What a migration source serves.
 impl Backend for Region {
     fn size(&self) -> u64 {
-        self.core.size
+        self.size
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -659,7 +593,7 @@ impl Backend for Region {
 /// it, and [`Seeder::take_dirty`] returns those written since the previous round and goes on. (Not to be confused with [`Region::sync`], the write-back.)
 impl Seeder for Region {
     fn chunk_size(&self) -> u64 {
-        self.core.synced.geometry().chunk_size()
+        self.synced().geometry().chunk_size()
     }
 
     fn track(&self) -> io::Result<()> {
@@ -667,12 +601,12 @@ impl Seeder for Region {
     }
 
     fn sync(&self) -> io::Result<Vec<Chunk>> {
-        let pages = self.core.tracker.epoch_ranges(true, &mut self.mark_written())?;
+        let pages = self.tracker.epoch_ranges(true, &mut self.mark_written())?;
         Ok(self.pages_to_chunks(&pages))
     }
 
     fn take_dirty(&self) -> io::Result<Vec<Chunk>> {
-        let pages = self.core.tracker.epoch_take(&mut self.mark_written())?;
+        let pages = self.tracker.epoch_take(&mut self.mark_written())?;
         Ok(self.pages_to_chunks(&pages))
     }
 }

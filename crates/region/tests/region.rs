@@ -18,6 +18,7 @@ use r3map_core::layers::fault::FaultConfig;
 use r3map_core::layers::{Delay, FaultInject};
 use r3map_core::pipeline::Cache as _;
 use r3map_core::pipeline::puller::PullerOptions;
+use r3map_core::pipeline::pusher::PusherOptions;
 use r3map_core::{Chunk, Seeder};
 use r3map_region::{Region, RegionError, RegionOptions, WriteTracking};
 
@@ -388,6 +389,28 @@ fn a_fault_reaches_the_fill_which_installs_the_faulting_page_first() {
     assert_eq!(whole_chunk(2), 5);
     // No fault: one copy.
     assert_eq!(whole_chunk(3), 6);
+    region.close().unwrap();
+}
+
+#[test]
+fn the_managed_pusher_writes_back_pages_written_through_the_pointer() {
+    let _w = Watchdog::new("background write-back", 60);
+    let remote = Arc::new(Memory::from_bytes(&pattern(35, (4 * CHUNK) as usize)));
+    let push = PusherOptions { interval: Duration::from_millis(5), ..PusherOptions::default() };
+    let Some(region) = open(remote.clone(), RegionOptions { push: Some(push), ..on_demand() }) else {
+        return;
+    };
+    if region.tracking() == WriteTracking::Off {
+        return println!("skipped: no write tracking");
+    }
+    region.write_u64(2 * CHUNK + 8, 0xfeed).unwrap();
+    // Nothing but the pusher's background cycle (which collects the tracked pages first) writes
+    // the remote: the bytes arriving there are the check, however long a cycle takes.
+    let mut on_remote = [0u8; 8];
+    while on_remote != 0xfeedu64.to_ne_bytes() {
+        std::thread::yield_now();
+        remote.read_at(&mut on_remote, 2 * CHUNK + 8).unwrap();
+    }
     region.close().unwrap();
 }
 
