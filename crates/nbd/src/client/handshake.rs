@@ -26,11 +26,7 @@ use crate::proto::{
 };
 
 /// A byte stream to a server (TCP, Unix socket, or anything else in tests).
-pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-pub(crate) type BoxedStream = Box<dyn Stream>;
+pub(crate) type BoxedStream = r3map_net::security::BoxedIo;
 
 /// The second magic of an old-style server (`cliserv_magic`).
 const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;

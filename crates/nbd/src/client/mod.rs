@@ -2,12 +2,15 @@
 //! `nbd-server`, or this crate's [`NbdServer`](crate::NbdServer)).
 //!
 //! # Design
-//! The API is blocking, like every `Backend`. Inside, each connection is a task on the runtime
-//! the client is opened on ([`r3map_net::Io::shared`] unless the caller gives its own): a writer sends requests as they come (many in flight per connection) and a
-//! reader matches replies to them by cookie, in whatever order the server answers, and wakes the
-//! caller waiting on a channel. Large requests are cut at the server's maximum size and their
-//! pieces are in flight together. Callers may be any thread, the runtime's own workers included
-//! (they only block on channels).
+//! The API is blocking, like every `Backend`. The connections are an [`r3map_net::mux::Mux`]
+//! on the runtime the client is opened on ([`r3map_net::Io::shared`] unless the caller gives its
+//! own), the same engine as the r3map protocol's client: requests are written as they come (many
+//! in flight per connection) and replies matched to them by cookie, in whatever order the server
+//! answers. This module brings NBD's negotiation and framing (`connection.rs`, the codec) and the
+//! `Backend` on top (`transport.rs`). Large requests are cut at the server's maximum size and
+//! their pieces are in flight together; pieces of more than 1 MiB go as background requests, so
+//! that small reads are sent before them (and, with several connections, on another one).
+//! Callers may be any thread, the runtime's own workers included.
 //!
 //! When the server's minimum block size is above 1, the export is reached through an
 //! [`Aligned`] layer, so that any offset and length still work (partial blocks by

@@ -6,18 +6,17 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc as std_mpsc};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use r3map_core::backend::len64;
 use r3map_core::geometry::to_usize;
 use r3map_core::{Backend, Capabilities, Extent, check_range};
 use r3map_net::Io;
-use tokio::sync::mpsc;
+use r3map_net::mux::{Class, Mux, MuxOptions, Ticket};
 
-use super::connection::{self, Call, Health, Target};
-use super::handshake::{BoxedStream, HandshakeError, NbdExportInfo, Negotiated};
+use super::connection::{Call, Nbd, Target};
+use super::handshake::NbdExportInfo;
 use super::options::{NbdAddress, NbdClientOptions};
 use super::reply::{Expect, Reply, STATE_HOLE, STATE_ZERO};
 use crate::proto::{Command, transmission_flags as tf};
@@ -29,126 +28,67 @@ const MAX_BYTES_IN_FLIGHT: u64 = 128 * 1024 * 1024;
 /// How long dropping the client waits for its connections to say goodbye.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The connections to one export, as tasks on the runtime the client was opened on.
+/// The connections to one export, as a [`Mux`] on the runtime the client was opened on.
 pub(crate) struct Transport {
-    target: Arc<Target>,
+    mux: Mux<Nbd>,
     info: NbdExportInfo,
-    conns: Vec<mpsc::UnboundedSender<Call>>,
-    next: AtomicUsize,
-    timeout: Duration,
-    health: Arc<Health>,
-    /// One message per connection task when it ends.
-    finished: Mutex<std_mpsc::Receiver<()>>,
 }
 
 impl fmt::Debug for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = &self.mux.codec().target;
         f.debug_struct("Transport")
-            .field("server", &self.target.peer)
-            .field("export", &self.target.export)
+            .field("server", &target.peer)
+            .field("export", &target.export)
             .field("info", &self.info)
-            .field("connections", &self.conns.len())
-            .field("tls", &self.target.tls.is_some())
-            .field("timeout", &self.timeout)
+            .field("connections", &self.mux.connections())
+            .field("tls", &target.tls.is_some())
+            .field("timeout", &self.mux.timeout())
             .finish_non_exhaustive()
     }
 }
 
-/// A request sent, waiting for its answer.
-struct Waiter {
-    rx: std_mpsc::Receiver<io::Result<Reply>>,
-    expect: Expect,
-    deadline: Instant,
-}
-
-/// Runs `future` on `runtime` and waits for it from this (blocking) thread, which may itself be
-/// a thread of another runtime.
-fn run_on<T: Send + 'static>(
-    runtime: &tokio::runtime::Handle,
-    future: impl Future<Output = T> + Send + 'static,
-) -> io::Result<T> {
-    let (tx, rx) = std_mpsc::channel();
-    runtime.spawn(async move {
-        let _ = tx.send(future.await);
-    });
-    r3map_net::runtime::blocking(|| rx.recv())
-        .map_err(|_| io::Error::other("the NBD client's runtime stopped"))
-}
-
-/// Opens `wanted` connections (one unless the server allows several) and negotiates the export
-/// on each; never an empty list.
-fn open_connections(
-    runtime: &tokio::runtime::Handle,
-    target: &Arc<Target>,
-    wanted: usize,
-) -> io::Result<Vec<(BoxedStream, Negotiated)>> {
-    let connect = || {
-        let target = Arc::clone(target);
-        run_on(runtime, async move { target.connect().await })?.map_err(|e: HandshakeError| e.error)
-    };
-    let first = connect()?;
-    let info = first.1.info;
-    let mut wanted = wanted.max(1);
-    if wanted > 1 && !info.has(tf::CAN_MULTI_CONN) {
-        tracing::debug!(
-            server = %target.peer,
-            connections = wanted,
-            "the NBD server does not announce CAN_MULTI_CONN; using one connection"
-        );
-        wanted = 1;
-    }
-    let mut connected = vec![first];
-    while connected.len() < wanted {
-        let more = connect()?;
-        if more.1.info != info {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "the NBD server at {} described the export differently on another connection",
-                    target.peer
-                ),
-            ));
-        }
-        connected.push(more);
-    }
-    Ok(connected)
-}
+/// Requests of more than this many bytes are background transfers; smaller ones are demand
+/// requests, sent first (see [`r3map_net::mux`]).
+const SMALL_REQUEST: u64 = 1 << 20;
 
 impl Transport {
     /// Opens the connections; see [`NbdBackend::connect`](super::NbdBackend::connect).
     pub(crate) fn connect(address: NbdAddress, options: NbdClientOptions, io: &Io) -> io::Result<Self> {
-        let runtime = io.handle();
-        let target = Arc::new(Target {
+        let target = Target {
             peer: Arc::from(address.to_string()),
             address,
             export: options.export,
             connect_timeout: options.connect_timeout,
-            max_backoff: options.max_backoff,
             tls: options.tls,
-        });
-        let connected = open_connections(runtime, &target, options.connections)?;
-        let info = connected[0].1.info;
-        let health = Arc::new(Health::default());
-        let (done_tx, done_rx) = std_mpsc::channel();
-        let mut conns = Vec::with_capacity(connected.len());
-        for first in connected {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let (target, health, done) = (Arc::clone(&target), Arc::clone(&health), done_tx.clone());
-            runtime.spawn(async move {
-                connection::run(target, first, rx, health).await;
-                let _ = done.send(());
-            });
-            conns.push(tx);
-        }
-        Ok(Self {
-            target,
-            info,
-            conns,
-            next: AtomicUsize::new(0),
+        };
+        let mux_options = MuxOptions {
+            connections: options.connections.max(1),
             timeout: options.timeout,
-            health,
-            finished: Mutex::new(done_rx),
-        })
+            max_backoff: options.max_backoff,
+            close_grace: CLOSE_GRACE,
+            ..MuxOptions::default()
+        };
+        let peer = Arc::clone(&target.peer);
+        let mux = Mux::open(Nbd::new(target), mux_options, io, |first| {
+            if first.info.has(tf::CAN_MULTI_CONN) {
+                return usize::MAX;
+            }
+            if options.connections > 1 {
+                tracing::debug!(
+                    server = %peer,
+                    connections = options.connections,
+                    "the NBD server does not announce CAN_MULTI_CONN; using one connection"
+                );
+            }
+            1
+        })?;
+        let info = mux.session().info;
+        Ok(Self { mux, info })
+    }
+
+    fn target(&self) -> &Target {
+        &self.mux.codec().target
     }
 
     pub(crate) fn info(&self) -> NbdExportInfo {
@@ -156,19 +96,19 @@ impl Transport {
     }
 
     pub(crate) fn address(&self) -> &NbdAddress {
-        &self.target.address
+        &self.mux.codec().target.address
     }
 
     pub(crate) fn export(&self) -> &str {
-        &self.target.export
+        &self.mux.codec().target.export
     }
 
     pub(crate) fn connections(&self) -> usize {
-        self.conns.len()
+        self.mux.connections()
     }
 
     pub(crate) fn tls(&self) -> bool {
-        self.target.tls.is_some()
+        self.mux.codec().target.tls.is_some()
     }
 
     pub(crate) fn read_only(&self) -> bool {
@@ -182,7 +122,8 @@ impl Transport {
                 io::ErrorKind::PermissionDenied,
                 format!(
                     "the export '{}' on the NBD server at {} is read-only",
-                    self.target.export, self.target.peer
+                    self.target().export,
+                    self.target().peer
                 ),
             ));
         }
@@ -192,7 +133,7 @@ impl Transport {
     fn unsupported(&self, what: &str) -> io::Error {
         io::Error::new(
             io::ErrorKind::Unsupported,
-            format!("the NBD server at {} does not support {what} on this export", self.target.peer),
+            format!("the NBD server at {} does not support {what} on this export", self.target().peer),
         )
     }
 
@@ -202,44 +143,23 @@ impl Transport {
         offset: u64,
         length: u32,
         payload: Option<Arc<[u8]>>,
-    ) -> io::Result<Waiter> {
-        let (reply, rx) = std_mpsc::sync_channel(1);
+    ) -> io::Result<Ticket<Nbd>> {
         let expect = Expect { cmd, offset, length };
-        let deadline = Instant::now() + self.timeout;
-        let call = Call { expect, flags: 0, payload, reply, deadline };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].send(call).map_err(|_| self.closed())?;
-        Ok(Waiter { rx, expect, deadline })
+        let class = if u64::from(length) > SMALL_REQUEST && matches!(cmd, Command::Read | Command::Write) {
+            Class::Background
+        } else {
+            Class::Demand
+        };
+        self.mux.submit(class, Call { expect, flags: 0, payload })
     }
 
-    fn closed(&self) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::NotConnected,
-            format!("the client of the NBD server at {} is closed", self.target.peer),
-        )
-    }
-
-    fn wait(&self, w: &Waiter) -> io::Result<Reply> {
-        let left = w.deadline.saturating_duration_since(Instant::now());
-        match r3map_net::runtime::blocking(|| w.rx.recv_timeout(left)) {
-            Ok(r) => r,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "no answer to the {} from the NBD server at {} within {:?}{}",
-                    w.expect,
-                    self.target.peer,
-                    self.timeout,
-                    self.health.suffix()
-                ),
-            )),
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => Err(self.closed()),
-        }
+    fn wait(&self, ticket: &Ticket<Nbd>) -> io::Result<Reply> {
+        self.mux.wait(ticket)
     }
 
     fn call(&self, cmd: Command, offset: u64, length: u32) -> io::Result<Reply> {
-        let w = self.submit(cmd, offset, length, None)?;
-        self.wait(&w)
+        let ticket = self.submit(cmd, offset, length, None)?;
+        self.wait(&ticket)
     }
 
     /// Sends `cmd` over `off..off + len` in pieces of at most `piece` bytes, many in flight at
@@ -256,7 +176,7 @@ impl Transport {
         mut each: impl FnMut(u64, Reply) -> io::Result<()>,
     ) -> io::Result<()> {
         let carries_data = matches!(cmd, Command::Read | Command::Write);
-        let mut in_flight: VecDeque<(u64, u64, Waiter)> = VecDeque::new();
+        let mut in_flight: VecDeque<(u64, u64, Ticket<Nbd>)> = VecDeque::new();
         let mut bytes = 0u64;
         let mut pos = 0u64;
         let mut first_error = None;
@@ -347,22 +267,6 @@ impl Transport {
         self.check(off, len)?;
         self.writable()?;
         self.ranged(Command::WriteZeroes, off, len, self.info.max_unpayloaded())
-    }
-}
-
-impl Drop for Transport {
-    fn drop(&mut self) {
-        // Closing the channels makes each connection send NBD_CMD_DISC and end.
-        let tasks = self.conns.len();
-        self.conns.clear();
-        let deadline = Instant::now() + CLOSE_GRACE;
-        let finished = self.finished.lock().unwrap_or_else(PoisonError::into_inner);
-        for _ in 0..tasks {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if r3map_net::runtime::blocking(|| finished.recv_timeout(left)).is_err() {
-                break;
-            }
-        }
     }
 }
 
