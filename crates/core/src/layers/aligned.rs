@@ -29,12 +29,11 @@
 //! does not cache chunks, and it does not retry. A request that fails part-way may have changed
 //! some of its range, as on a block device.
 
-use std::fmt;
 use std::io;
 use std::ops::Range;
 use std::sync::{RwLock, RwLockReadGuard};
 
-use crate::backend::{Backend, Capabilities, Extent, check_range, len64};
+use crate::backend::{Backend, Extent, check_range, len64};
 use crate::geometry::{Chunk, Geometry, to_usize};
 
 /// Number of striped locks guarding read-modify-writes.
@@ -137,7 +136,7 @@ impl<B: Backend> Aligned<B> {
     /// Zeroes `off..off + len`: the whole-chunk middle with `whole` (the inner backend's trim or
     /// write_zeroes), partial edges by read-modify-write.
     fn zero(&self, off: u64, len: u64, whole: fn(&B, u64, u64) -> io::Result<()>) -> io::Result<()> {
-        check_range(off, len, self.size())?;
+        check_range(off, len, self.geometry.size())?;
         if len == 0 {
             return Ok(());
         }
@@ -163,28 +162,9 @@ impl<B> Aligned<B> {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the layer, returning the wrapped backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
-impl<B> fmt::Debug for Aligned<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Aligned")
-            .field("geometry", &self.geometry)
-            .field("inner", &std::any::type_name::<B>())
-            .finish_non_exhaustive()
-    }
-}
+crate::impl_layer!(Aligned { geometry });
 
 fn unsupported(verb: &str) -> io::Error {
     io::Error::new(
@@ -194,12 +174,10 @@ fn unsupported(verb: &str) -> io::Error {
 }
 
 impl<B: Backend> Backend for Aligned<B> {
-    fn size(&self) -> u64 {
-        self.geometry.size()
-    }
+    crate::forward_backend!(inner, except read_at, write_at, trim, write_zeroes, extents);
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        check_range(off, len64(buf), self.size())?;
+        check_range(off, len64(buf), self.geometry.size())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -220,7 +198,7 @@ impl<B: Backend> Backend for Aligned<B> {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        check_range(off, len64(buf), self.size())?;
+        check_range(off, len64(buf), self.geometry.size())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -241,14 +219,6 @@ impl<B: Backend> Backend for Aligned<B> {
         Ok(())
     }
 
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
         if !self.inner.capabilities().trim {
             return Err(unsupported("trim"));
@@ -267,14 +237,15 @@ impl<B: Backend> Backend for Aligned<B> {
         if !self.inner.capabilities().extents {
             return Err(unsupported("extents"));
         }
-        check_range(off, len, self.size())?;
+        let size = self.geometry.size();
+        check_range(off, len, size)?;
         if len == 0 {
             return Ok(Vec::new());
         }
         let cs = self.geometry.chunk_size();
         let end = off + len;
         let wide_start = off / cs * cs;
-        let wide_end = end.checked_next_multiple_of(cs).unwrap_or(self.size()).min(self.size());
+        let wide_end = end.checked_next_multiple_of(cs).unwrap_or(size).min(size);
         let wide = self.inner.extents(wide_start, wide_end - wide_start)?;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = wide_start;
@@ -305,7 +276,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::backend::SharedBackend;
+    use crate::backend::{Capabilities, SharedBackend};
     use crate::backends::Memory;
     use crate::conformance;
     use crate::layers::Chunked;

@@ -18,10 +18,9 @@
 //! Capabilities are the inner backend's; `trim`, `write_zeroes` and `extents` answer
 //! `Unsupported` before any check when the inner backend does not offer them.
 
-use std::fmt;
 use std::io;
 
-use crate::backend::{Backend, Capabilities, Extent, check_range, len64};
+use crate::backend::{Backend, Extent, check_range, len64};
 use crate::geometry::Geometry;
 
 /// Rejects requests that are not whole, in-bounds chunks; see the [module documentation](self).
@@ -91,29 +90,9 @@ impl<B> Chunked<B> {
     pub fn max_chunks(&self) -> Option<u64> {
         self.max_chunks
     }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the layer, returning the wrapped backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
-impl<B> fmt::Debug for Chunked<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Chunked")
-            .field("geometry", &self.geometry)
-            .field("max_chunks", &self.max_chunks)
-            .field("inner", &std::any::type_name::<B>())
-            .finish()
-    }
-}
+crate::impl_layer!(Chunked { geometry, max_chunks });
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -127,9 +106,7 @@ fn unsupported(verb: &str) -> io::Error {
 }
 
 impl<B: Backend> Backend for Chunked<B> {
-    fn size(&self) -> u64 {
-        self.geometry.size()
-    }
+    crate::forward_backend!(inner, except read_at, write_at, trim, write_zeroes, extents);
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.check(off, len64(buf))?;
@@ -139,14 +116,6 @@ impl<B: Backend> Backend for Chunked<B> {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.check(off, len64(buf))?;
         self.inner.write_at(buf, off)
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
@@ -169,7 +138,7 @@ impl<B: Backend> Backend for Chunked<B> {
         if !self.inner.capabilities().extents {
             return Err(unsupported("extents"));
         }
-        check_range(off, len, self.size())?;
+        check_range(off, len, self.geometry.size())?;
         self.inner.extents(off, len)
     }
 }

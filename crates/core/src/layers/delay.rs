@@ -23,7 +23,7 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Capabilities, Extent, len64};
+use crate::backend::{Backend, Extent, len64};
 
 /// Where a [`Delay`] reads the time and waits.
 pub trait Clock: fmt::Debug + Send + Sync {
@@ -194,34 +194,12 @@ impl<B> Delay<B> {
     pub fn bytes_per_sec(&self) -> Option<u64> {
         self.bytes_per_sec
     }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the layer, returning the wrapped backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
-impl<B> fmt::Debug for Delay<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Delay")
-            .field("latency", &self.latency)
-            .field("bytes_per_sec", &self.bytes_per_sec)
-            .field("inner", &std::any::type_name::<B>())
-            .finish()
-    }
-}
+crate::impl_layer!(Delay { latency, bytes_per_sec });
 
 impl<B: Backend> Backend for Delay<B> {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    crate::forward_backend!(inner, except read_at, read_many, write_at, flush, trim, write_zeroes, extents);
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.wait(len64(buf));
@@ -242,10 +220,6 @@ impl<B: Backend> Backend for Delay<B> {
     fn flush(&self) -> io::Result<()> {
         self.wait(0);
         self.inner.flush()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {

@@ -15,13 +15,12 @@
 //! It does not fail `size` or `capabilities`, corrupt data, return short reads, or delay calls
 //! (see [`Delay`](super::Delay) for that).
 
-use std::fmt;
 use std::io;
 use std::ops::BitOr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::backend::{Backend, Capabilities, Extent};
+use crate::backend::{Backend, Extent};
 
 /// A set of operation kinds that faults apply to. Combine with `|`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,36 +212,12 @@ impl<B> FaultInject<B> {
     pub fn config(&self) -> &FaultConfig {
         &self.config
     }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the layer, returning the wrapped backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
-impl<B> fmt::Debug for FaultInject<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaultInject")
-            .field("config", &self.config)
-            .field("calls", &self.calls())
-            .field("failures", &self.failures())
-            .field("failing", &self.is_failing())
-            .field("inner", &std::any::type_name::<B>())
-            .finish()
-    }
-}
+crate::impl_layer!(FaultInject { config, calls = calls(), failures = failures(), failing = is_failing() });
 
 impl<B: Backend> Backend for FaultInject<B> {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    crate::forward_backend!(inner, except read_at, write_at, flush, trim, write_zeroes, extents);
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         self.check(Op::Read, Some(off))?;
@@ -257,10 +232,6 @@ impl<B: Backend> Backend for FaultInject<B> {
     fn flush(&self) -> io::Result<()> {
         self.check(Op::Flush, None)?;
         self.inner.flush()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {

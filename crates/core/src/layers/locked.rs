@@ -13,12 +13,11 @@
 //! [`Locked::wait_unlocked`] first. It does not order the blocked calls: when the gate opens they
 //! all proceed, in no particular order.
 
-use std::fmt;
 use std::io;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Capabilities, Extent};
+use crate::backend::{Backend, Extent};
 
 /// Holds I/O back while locked; see the [module documentation](self).
 pub struct Locked<B> {
@@ -144,36 +143,12 @@ impl<B> Locked<B> {
     pub fn waiting(&self) -> u64 {
         self.state().waiting
     }
-
-    /// The wrapped backend (using it directly bypasses the gate).
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the layer, returning the wrapped backend.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
-impl<B> fmt::Debug for Locked<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.state();
-        f.debug_struct("Locked")
-            .field("locked", &state.locked)
-            .field("in_flight", &state.in_flight)
-            .field("waiting", &state.waiting)
-            .field("inner", &std::any::type_name::<B>())
-            .finish()
-    }
-}
+crate::impl_layer!(Locked { locked = is_locked(), in_flight = in_flight(), waiting = waiting() });
 
 impl<B: Backend> Backend for Locked<B> {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    crate::forward_backend!(inner, except read_at, read_many, write_at, flush, trim, write_zeroes, extents);
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         let _pass = self.enter();
@@ -193,10 +168,6 @@ impl<B: Backend> Backend for Locked<B> {
     fn flush(&self) -> io::Result<()> {
         let _pass = self.enter();
         self.inner.flush()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {

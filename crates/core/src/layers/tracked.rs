@@ -22,11 +22,10 @@
 //! It does not copy data, keep old versions of chunks, or track reads. The data of the marked
 //! chunks is the inner backend's; callers read it from there.
 
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::backend::{Backend, Capabilities, Extent, len64};
+use crate::backend::{Backend, len64};
 use crate::bitmap::AtomicBitmap;
 use crate::geometry::{Chunk, Geometry};
 
@@ -115,56 +114,17 @@ impl<B> Tracked<B> {
     pub fn geometry(&self) -> Geometry {
         self.geometry
     }
-
-    /// The wrapped backend.
-    #[must_use]
-    pub fn inner(&self) -> &B {
-        &self.inner
-    }
-
-    /// Unwraps the layer, returning the wrapped backend; the dirty set is dropped.
-    #[must_use]
-    pub fn into_inner(self) -> B {
-        self.inner
-    }
 }
 
-impl<B> fmt::Debug for Tracked<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tracked")
-            .field("geometry", &self.geometry)
-            .field("tracking", &self.is_tracking())
-            .field("dirty", &self.dirty_count())
-            .field("inner", &std::any::type_name::<B>())
-            .finish()
-    }
-}
+crate::impl_layer!(Tracked { geometry, tracking = is_tracking(), dirty = dirty_count() });
 
 impl<B: Backend> Backend for Tracked<B> {
-    fn size(&self) -> u64 {
-        self.geometry.size()
-    }
-
-    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.inner.read_at(buf, off)
-    }
-
-    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> io::Result<()> {
-        self.inner.read_many(reads)
-    }
+    crate::forward_backend!(inner, except write_at, trim, write_zeroes);
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.inner.write_at(buf, off)?;
         self.mark(off, len64(buf));
         Ok(())
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     fn trim(&self, off: u64, len: u64) -> io::Result<()> {
@@ -177,10 +137,6 @@ impl<B: Backend> Backend for Tracked<B> {
         self.inner.write_zeroes(off, len)?;
         self.mark(off, len);
         Ok(())
-    }
-
-    fn extents(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
-        self.inner.extents(off, len)
     }
 }
 
