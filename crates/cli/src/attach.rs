@@ -11,7 +11,6 @@ use r3map_nbd::kernel::{self, Interface, KernelDevice, KernelOptions};
 use r3map_nbd::{NbdExport, NbdServer};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::backend_url::{self, OpenOptions};
 use crate::units::{human, parse_size};
 
 /// The flags of `r3map attach`.
@@ -19,7 +18,7 @@ use crate::units::{human, parse_size};
 pub struct Args {
     /// What the device holds: any backend URL (`memory:SIZE`, `file:///PATH`, an r3map or NBD
     /// server, a store...).
-    #[arg(value_name = "BACKEND-URL")]
+    #[arg(value_name = "BACKEND-URL", long_help = crate::backend_url::help("What the device holds:", ""))]
     pub backend: String,
     /// Sockets between the kernel and this process (the device's connections).
     #[arg(long, default_value = "4", value_name = "N")]
@@ -81,10 +80,12 @@ pub struct DetachArgs {
 /// # Errors
 /// The backend cannot be opened; the device cannot be attached (no `nbd.ko`, not root).
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let opened = backend_url::open(
-        &args.backend,
-        &OpenOptions { read_only: args.read_only, chunk_size: args.chunk_size },
-    )?;
+    let options = r3map::OpenOptions {
+        read_only: args.read_only,
+        chunk_size: args.chunk_size,
+        ..r3map::OpenOptions::default()
+    };
+    let opened = r3map::open(&args.backend, &options)?;
     let size = opened.backend.size();
     let mut export = NbdExport::new("default", Arc::clone(&opened.backend));
     export.read_only = args.read_only;

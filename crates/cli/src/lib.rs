@@ -2,8 +2,8 @@
 //! the tests) share one implementation.
 //!
 //! # Layout
-//! - [`backend_url`]: opening a storage backend from a URL (`memory:4GiB`, `file:///path`,
-//!   `dir:///path?size=...`).
+//! - [`backend_url`]: the help texts of backend URL arguments, listed from the table of schemes
+//!   of the `r3map` crate, which opens the URLs ([`r3map::open`]).
 //! - [`serve`]: `r3map serve` and the server behind `ram-ul`: listeners, security, metrics,
 //!   shutdown on signals.
 //! - [`certs`]: `r3map certs`, a private CA and the certificates for mutual TLS.

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use r3map::OpenOptions;
 use r3map_core::pipeline::puller::PullerOptions;
 use r3map_core::pipeline::pusher::PusherOptions;
 use r3map_region::{Region, RegionOptions, WriteTracking};
@@ -12,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use r3map_core::geometry::to_usize;
 
-use crate::backend_url::{self, OpenOptions};
+use crate::backend_url;
 use crate::units::{human, parse_duration, parse_size};
 
 const PAGE: u64 = 4096;
@@ -20,14 +21,11 @@ const PAGE: u64 = 4096;
 /// The flags of `r3map map`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to map: an r3map server (`r3map://HOST:PORT/EXPORT?ca=PATH&token=T`,
-    /// `r3map+plain://HOST:PORT/EXPORT`, `r3map+unix:///EXPORT?socket=PATH`), a gRPC server
-    /// (`grpc://HOST:PORT?size=SIZE`), an NBD server (`nbd://HOST[:PORT]/EXPORT`,
-    /// `nbd+unix:///EXPORT?socket=PATH`: nbdkit, qemu-nbd, `r3map serve --nbd`), a store
-    /// (`redis://HOST:PORT/DB?size=SIZE&prefix=P`, `s3://BUCKET/PREFIX?size=SIZE&endpoint=URL`,
-    /// `cassandra://HOST:PORT?size=SIZE&keyspace=K`: one key, object or row per chunk), or a
-    /// local backend (`file:///PATH`, `memory:SIZE`, ...).
-    #[arg(value_name = "BACKEND-URL", verbatim_doc_comment)]
+    /// What to map: a server, a store or a local backend, as a backend URL.
+    #[arg(
+        value_name = "BACKEND-URL",
+        long_help = backend_url::help("What to map: a server, a store or a local backend:", "")
+    )]
     pub remote: String,
     /// Chunk size: what one fault fetches, and the unit of pulling, pushing and write tracking.
     #[arg(long, default_value = "64KiB", value_parser = parse_size, value_name = "SIZE")]
@@ -78,8 +76,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if !(0.0..=100.0).contains(&args.write_percent) {
         bail!("--write-percent must be between 0 and 100, not {}", args.write_percent);
     }
-    let open = OpenOptions { read_only: args.write_percent == 0.0, chunk_size: args.chunk_size };
-    let remote = backend_url::open(&args.remote, &open)?;
+    let open = OpenOptions {
+        read_only: args.write_percent == 0.0,
+        chunk_size: args.chunk_size,
+        ..OpenOptions::default()
+    };
+    let remote = r3map::open(&args.remote, &open)?;
     let backend = remote.backend;
     let size = backend.size();
     let options = RegionOptions {

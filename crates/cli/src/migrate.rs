@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use r3map::{OpenOptions, Opened};
 use r3map_core::Backend as _;
 use r3map_core::pipeline::puller::PullerOptions;
 use r3map_migrate::{Leecher, LeecherHooks, LeecherOptions};
 use r3map_net::RemoteBackend;
 
-use crate::backend_url::{self, OpenOptions};
 use crate::serve;
 use crate::units::{human, parse_size};
 
@@ -64,7 +64,14 @@ pub struct LeechArgs {
     pub source: String,
     /// Where the resource goes, of the source's size: `file:///PATH?size=SIZE`, `memory:SIZE`
     /// (kept only while this runs), `dir:///PATH?size=SIZE`.
-    #[arg(value_name = "LOCAL-URL")]
+    #[arg(
+        value_name = "LOCAL-URL",
+        long_help = crate::backend_url::help_for(
+            "Where the resource goes, of the source's size (memory is kept only while this runs):",
+            crate::backend_url::is_local,
+            "",
+        )
+    )]
     pub local: String,
     /// Finalize once this share of the resource has been pulled, without pre-copy rounds; at
     /// 100 (the default) the rounds run first.
@@ -113,9 +120,13 @@ fn seed(args: &SeedArgs) -> anyhow::Result<()> {
     config.seeder = true;
     config.migration =
         serve::MigrationOptions { exit_when_closed: true, invalidate_percent: args.invalidate };
-    let options = OpenOptions { read_only: args.serve.read_only, chunk_size: args.serve.chunk_size };
+    let options = OpenOptions {
+        read_only: args.serve.read_only,
+        chunk_size: args.serve.chunk_size,
+        ..OpenOptions::default()
+    };
     let url = args.serve.backend.clone();
-    serve::run(&config, move || backend_url::open(&url, &options))
+    serve::run(&config, move || Ok(r3map::open(&url, &options)?))
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -171,8 +182,8 @@ fn leech(args: &LeechArgs) -> anyhow::Result<()> {
     let size = remote.size();
     let chunk_size = r3map_core::Seeder::chunk_size(&*remote);
     let then_seed = next_hop(args, chunk_size)?;
-    let options = OpenOptions { read_only: false, chunk_size };
-    let local = backend_url::open(&args.local, &options)?;
+    let options = OpenOptions { read_only: false, chunk_size, ..OpenOptions::default() };
+    let local = r3map::open(&args.local, &options)?;
     if local.backend.size() != size {
         bail!(
             "the local backend has {} bytes and the source {size}: give the source's size ({})",
@@ -257,9 +268,7 @@ fn leech(args: &LeechArgs) -> anyhow::Result<()> {
     );
     match then_seed {
         // The next hop: the same open backend, served as a migration source.
-        Some(config) => {
-            serve::run(&config, move || Ok(backend_url::Opened { backend: local_backend, ..local }))
-        }
+        Some(config) => serve::run(&config, move || Ok(Opened { backend: local_backend, ..local })),
         None => Ok(()),
     }
 }

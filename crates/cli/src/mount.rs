@@ -7,25 +7,23 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use r3map::OpenOptions;
 use r3map_core::Backend as _;
 use r3map_mount::{Frontend, FuseOptions, Hooks, ManagedOptions, Mount, MountOptions};
 use r3map_nbd::kernel::KernelOptions;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::backend_url::{self, OpenOptions};
+use crate::backend_url;
 use crate::units::{human, parse_duration, parse_size};
 
 /// The flags of `r3map mount`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to mount: an r3map server (`r3map://HOST:PORT/EXPORT?ca=PATH&token=T`,
-    /// `r3map+plain://HOST:PORT/EXPORT`, `r3map+unix:///EXPORT?socket=PATH`), a gRPC server
-    /// (`grpc://HOST:PORT?size=SIZE`), an NBD server (`nbd://HOST[:PORT]/EXPORT`,
-    /// `nbd+unix:///EXPORT?socket=PATH`: nbdkit, qemu-nbd, `r3map serve --nbd`), a store
-    /// (`redis://HOST:PORT/DB?size=SIZE&prefix=P`, `s3://BUCKET/PREFIX?size=SIZE&endpoint=URL`,
-    /// `cassandra://HOST:PORT?size=SIZE&keyspace=K`: one key, object or row per chunk), or a
-    /// local backend (`file:///PATH`, `memory:SIZE`, ...).
-    #[arg(value_name = "REMOTE-URL", verbatim_doc_comment)]
+    /// What to mount: a server, a store or a local backend, as a backend URL.
+    #[arg(
+        value_name = "REMOTE-URL",
+        long_help = backend_url::help("What to mount: a server, a store or a local backend:", "")
+    )]
     pub remote: String,
     /// An existing directory; the resource appears in it as one file (see --file-name). Not
     /// used with --nbd.
@@ -95,8 +93,8 @@ pub struct Args {
 /// # Errors
 /// The remote or the cache cannot be opened, the mount cannot be set up, or the final push failed.
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let open = OpenOptions { read_only: false, chunk_size: args.chunk_size };
-    let remote = backend_url::open(&args.remote, &open)?;
+    let open = OpenOptions { read_only: false, chunk_size: args.chunk_size, ..OpenOptions::default() };
+    let remote = r3map::open(&args.remote, &open)?;
     let size = remote.backend.size();
     let fuse = FuseOptions {
         file_name: args.file_name.clone(),
@@ -117,7 +115,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mountpoint = args.mountpoint.clone().unwrap_or_default();
     let mount = if args.managed {
         let local_url = args.local.clone().unwrap_or_else(|| format!("memory:{size}"));
-        let local = backend_url::open(&local_url, &open)?;
+        let local = r3map::open(&local_url, &open)?;
         let managed = ManagedOptions {
             chunk_size: args.chunk_size,
             pull: !args.no_pull,

@@ -23,6 +23,7 @@ use anyhow::{Context as _, anyhow, bail};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock, Weak};
 
+use r3map::{OpenOptions, Opened};
 use r3map_core::{Aligned, Backend as _, Chunked, Seeder as _, SharedBackend};
 use r3map_grpc::{GrpcExport, GrpcSecurity, ServerTls, TlsIdentity};
 use r3map_migrate::{Source, SourceHooks};
@@ -34,8 +35,19 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::backend_url::{self, OpenOptions, Opened};
+use crate::backend_url;
 use crate::units::{human, parse_size};
+
+/// The long help of `serve`'s BACKEND-URL (and `migrate seed`'s).
+fn backend_help() -> String {
+    backend_url::help(
+        "What to serve (quote it in the shell: `?` and `&` are special there):",
+        "A file of another size than ?size asks for is an error, never emptied unless truncate=true \
+         says so; memory is lost when the server stops. A server or NBD URL is served on (a protocol \
+         gateway). Directories and stores take their chunk size from --chunk-size unless the URL \
+         gives one; store credentials go in the URL or, for S3, the environment.",
+    )
+}
 
 /// Where TCP listens unless told otherwise: every interface, port 1337.
 pub const DEFAULT_LISTEN: &str = ":1337";
@@ -43,23 +55,8 @@ pub const DEFAULT_LISTEN: &str = ":1337";
 /// The flags of `r3map serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// What to serve (quote it in the shell: `?` and `&` are special there).
-    ///
-    /// `memory:SIZE`: sparse memory, e.g. memory:4GiB (lost when the server stops).
-    /// `file:///PATH`: an existing file or block device, at its size.
-    /// `file:///PATH?size=SIZE`: a file of SIZE bytes, created sparse if missing and used as it is
-    /// if it already has that size (a file of another size is an error).
-    /// `file:///PATH?size=SIZE&truncate=true`: the file emptied and set to SIZE.
-    /// `dir:///PATH?size=SIZE[&chunk-size=SIZE][&max-open=N]`: one file per chunk in a directory
-    /// (chunk size defaults to --chunk-size, open files to 512).
-    /// `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`: an export of another NBD
-    /// server (nbdkit, qemu-nbd, ...), served on (a protocol gateway); remote r3map and gRPC
-    /// URLs work the same way.
-    /// `redis://HOST[:PORT][/DB]?size=SIZE[&prefix=P]`, `s3://BUCKET/PREFIX?size=SIZE[&endpoint=URL]`,
-    /// `cassandra://HOST[:PORT]?size=SIZE[&keyspace=K&table=T]`: a store, one key, object or row
-    /// per chunk (chunk size from --chunk-size; credentials in the URL or, for S3, the
-    /// environment).
-    #[arg(value_name = "BACKEND-URL", verbatim_doc_comment)]
+    /// What to serve: a backend URL (quote it in the shell: `?` and `&` are special there).
+    #[arg(value_name = "BACKEND-URL", long_help = backend_help())]
     pub backend: String,
     /// TCP address to listen on: HOST:PORT, `[IPV6]:PORT`, or :PORT for every interface. Defaults
     /// to `[::]:1337` (every interface, IPv4 and IPv6), unless only --unix is given.
@@ -357,9 +354,10 @@ impl Args {
 /// # Errors
 /// As [`run`].
 pub fn run_args(args: &Args) -> anyhow::Result<()> {
-    let options = OpenOptions { read_only: args.read_only, chunk_size: args.chunk_size };
+    let options =
+        OpenOptions { read_only: args.read_only, chunk_size: args.chunk_size, ..OpenOptions::default() };
     let url = args.backend.clone();
-    run(&args.config(), move || backend_url::open(&url, &options))
+    run(&args.config(), move || Ok(r3map::open(&url, &options)?))
 }
 
 /// Runs a server until SIGINT or SIGTERM: checks the flags, binds the listeners, then calls

@@ -10,7 +10,7 @@
 //!   chunks and batching costs by itself); Redis (`redis-server`, no persistence) and S3 on two
 //!   S3-compatible servers: s3s-fs (a Rust server over a directory) and moto (the Python server
 //!   the tests use, far slower), each started by the benchmark on loopback and reached through
-//!   `r3map_stores::open` with 64 KiB chunks. A store whose server is not installed is skipped
+//!   their URLs with 64 KiB chunks. A store whose server is not installed is skipped
 //!   with a note; `scripts/bench-stores.sh` installs s3s-fs and runs this benchmark.
 //! - **First chunk**: a fresh `Synced` layer over the backend (as a managed mount starts), one
 //!   4 KiB read at a chunk never read before, so it pulls one chunk from the store: the median of
@@ -159,7 +159,7 @@ fn row(name: &str, backend: &SharedBackend) {
 }
 
 fn open_store(url: &str) -> SharedBackend {
-    Arc::new(r3map_stores::open(url, CHUNK).unwrap_or_else(|e| panic!("open {url}: {e}")))
+    servers::open_url(url, CHUNK)
 }
 
 fn main() {

@@ -62,9 +62,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Statements of one batch in flight at once.
 pub const IN_FLIGHT: usize = 64;
 
-/// Query parameters that the crate reads itself and a store ignores.
-const COMMON_PARAMETERS: [&str; 3] = ["size", "chunk-size", "max-batch"];
-
 /// A node to contact first (the driver discovers the rest of the cluster from it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -177,7 +174,7 @@ impl CassandraConfig {
         };
         let mut seen: Vec<String> = Vec::new();
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if COMMON_PARAMETERS.contains(&key.as_ref()) {
+            if crate::COMMON_PARAMETERS.contains(&key.as_ref()) {
                 continue;
             }
             if seen.contains(&key.to_string()) {

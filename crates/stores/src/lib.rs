@@ -7,12 +7,14 @@
 //! request into chunks, fetches all the chunks of a read in one batch (a chunk never written
 //! reads as zeroes), writes whole chunks directly and partial ones by read-modify-write under a
 //! per-chunk lock, and deletes whole chunks for `trim`.
+//!
+//! What it does not: choose a store from a URL. Each store parses its own URL (the `redis`,
+//! `s3` and `cassandra` modules); the table of schemes that picks the store, and reads the
+//! parameters every store takes ([`COMMON_PARAMETERS`]), is the `r3map` crate's.
 
-mod open;
 mod stored;
 
-pub use open::{SCHEMES, is_store_url, open, parse_size};
-pub use stored::{ChunkStore, MemoryStore, Stored, StoredOptions};
+pub use stored::{COMMON_PARAMETERS, ChunkStore, MemoryStore, Stored, StoredOptions};
 
 #[cfg(feature = "cassandra")]
 pub mod cassandra;

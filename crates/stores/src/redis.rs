@@ -41,9 +41,6 @@ pub const DEFAULT_PORT: u16 = 6379;
 /// The prefix of the keys unless the URL says otherwise.
 pub const DEFAULT_PREFIX: &str = "r3map:";
 
-/// URL parameters that belong to the caller (the size and cut of the backend).
-const COMMON_PARAMETERS: [&str; 3] = ["size", "chunk-size", "max-batch"];
-
 /// How long a [`RedisStore`] waits before it gives up on the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RedisOptions {
@@ -116,7 +113,7 @@ impl Target {
                 }
                 "timeout" => options.response_timeout = seconds(&key, &value).map_err(bad)?,
                 "connect-timeout" => options.connect_timeout = seconds(&key, &value).map_err(bad)?,
-                k if COMMON_PARAMETERS.contains(&k) => {}
+                k if crate::COMMON_PARAMETERS.contains(&k) => {}
                 "ca" => return Err(bad("ca= is for TLS only (rediss://)".to_owned())),
                 "db" => return Err(bad("the database goes in the path (redis://HOST:PORT/DB)".to_owned())),
                 other => return Err(bad(format!("unknown parameter '{other}'"))),

@@ -46,9 +46,6 @@ pub const RETRY_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long [`S3Store::open`] may take to create and check the bucket.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// The query parameters the crate handles for every store.
-const COMMON_PARAMETERS: [&str; 3] = ["size", "chunk-size", "max-batch"];
-
 /// An object that is never a chunk (chunk keys are decimal), read at open to check the bucket.
 const PROBE_KEY: &str = "r3map-probe";
 
@@ -100,7 +97,7 @@ impl S3Url {
                 "endpoint" | "region" | "access-key-id" | "secret-access-key" | "create-bucket" => {
                     params.insert(key.into_owned(), value.into_owned());
                 }
-                k if COMMON_PARAMETERS.contains(&k) => {}
+                k if crate::COMMON_PARAMETERS.contains(&k) => {}
                 k => return Err(bad(format!("unknown parameter '{k}'"))),
             }
         }

@@ -69,6 +69,12 @@ macro_rules! forward_store {
 forward_store!(std::sync::Arc<S>);
 forward_store!(Box<S>);
 
+/// The URL parameters of every store, which give the [`Stored`] backend's size and
+/// [`StoredOptions`] (`size=SIZE`, `chunk-size=SIZE`, `max-batch=N`). They belong to whoever makes
+/// the backend from the URL (the `r3map` crate's URL registry); each store's own URL parser skips
+/// them.
+pub const COMMON_PARAMETERS: [&str; 3] = ["size", "chunk-size", "max-batch"];
+
 /// How a [`Stored`] backend cuts the resource and its requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredOptions {

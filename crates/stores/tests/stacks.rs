@@ -24,7 +24,7 @@ fn unique() -> String {
 }
 
 fn open(url: &str) -> SharedBackend {
-    Arc::new(r3map_stores::open(url, CHUNK).unwrap_or_else(|e| panic!("open {url}: {e}")))
+    servers::open_url(url, CHUNK)
 }
 
 /// Runs the three stacks over stores made by `store` (a URL for a fresh resource of a size).

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser, ValueEnum};
-use r3map_cli::backend_url::{self, DEFAULT_MAX_OPEN, DIR_GEOMETRY_FILE, Opened};
+use r3map::Opened;
+use r3map::local::{self, DEFAULT_MAX_OPEN, DIR_GEOMETRY_FILE};
 use r3map_cli::serve::{self, CommonArgs, Config};
 use r3map_cli::units::parse_size;
 use r3map_core::Memory;
@@ -122,12 +123,12 @@ fn open(cli: &Cli) -> anyhow::Result<Opened> {
         // ram-ul's empty storage for their data.
         Kind::File => {
             clear(&cli.location)?;
-            let opened = backend_url::open_file(&cli.location, Some(cli.size), true, false)?;
+            let opened = local::open_file(&cli.location, Some(cli.size), true, false)?;
             Ok(Opened { volatile: true, ..opened })
         }
         Kind::Directory => {
             clear(&cli.location)?;
-            let opened = backend_url::open_dir(&cli.location, cli.size, cli.chunk_size, DEFAULT_MAX_OPEN)?;
+            let opened = local::open_dir(&cli.location, cli.size, cli.chunk_size, DEFAULT_MAX_OPEN)?;
             Ok(Opened { volatile: true, ..opened })
         }
     }

@@ -160,3 +160,28 @@ pub fn s3_url(server: &Server, bucket: &str, prefix: &str, key: &str, size: u64)
         server.port
     )
 }
+
+/// The backend a test URL of one of the servers here names (`redis://` or `s3://`, with
+/// `size=SIZE` and optionally `chunk-size=SIZE`), as the `r3map` crate's registry opens it:
+/// the store's own constructor under a `Stored` of the URL's size.
+pub fn open_url(url: &str, chunk_size: u64) -> r3map_core::SharedBackend {
+    use r3map_stores::{ChunkStore, Stored, StoredOptions};
+    let parsed = url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+    let size_of = |key: &str| {
+        let (_, value) = parsed.query_pairs().find(|(k, _)| k == key)?;
+        Some(r3map_core::units::parse_size(&value).unwrap_or_else(|e| panic!("{url}: {key}: {e}")))
+    };
+    let store: Box<dyn ChunkStore> = match parsed.scheme() {
+        "redis" => Box::new(
+            r3map_stores::redis::RedisStore::open(&parsed).unwrap_or_else(|e| panic!("open {url}: {e}")),
+        ),
+        "s3" => {
+            Box::new(r3map_stores::s3::S3Store::open(&parsed).unwrap_or_else(|e| panic!("open {url}: {e}")))
+        }
+        other => panic!("{url}: no test server speaks {other}"),
+    };
+    let size = size_of("size").unwrap_or_else(|| panic!("{url}: no size"));
+    let options =
+        StoredOptions { chunk_size: size_of("chunk-size").unwrap_or(chunk_size), ..StoredOptions::default() };
+    std::sync::Arc::new(Stored::new(store, size, options).expect("a Stored backend"))
+}
