@@ -228,14 +228,19 @@ struct Call<C: Codec> {
     request: C::Request,
     class: Class,
     cost: u64,
+    /// Before `reply`: fields drop in order, and a caller that hears its request is gone
+    /// (the sender dropped) must find it off its connection's count already.
+    _lane: LaneSlot,
     reply: std_mpsc::SyncSender<io::Result<C::Reply>>,
     deadline: Instant,
-    _lane: LaneSlot,
 }
 
 impl<C: Codec> Call<C> {
     fn fail(self, e: &io::Error) {
-        let _ = self.reply.send(Err(io::Error::new(e.kind(), e.to_string())));
+        // As in `InFlight::complete`: off the lane before the caller hears.
+        let Self { reply, _lane, .. } = self;
+        drop(_lane);
+        let _ = reply.send(Err(io::Error::new(e.kind(), e.to_string())));
     }
 }
 
@@ -284,7 +289,10 @@ impl<C: Codec> InFlight<C> {
         self.bytes[c].fetch_sub(call.cost, Ordering::Relaxed);
         self.count[c].fetch_sub(1, Ordering::Relaxed);
         self.freed.notify_one();
-        let Call { request, reply, .. } = call;
+        // The lane's count goes down before the caller hears: a caller that submits again at
+        // once must see this request gone from its connection.
+        let Call { request, reply, _lane, .. } = call;
+        drop(_lane);
         let _ = reply.send(result);
         Some(request)
     }
