@@ -13,7 +13,6 @@
 //! request has a deadline (`timeout`): a caller waits for the answer, through reconnections, until
 //! then, and gets `TimedOut` after, never stale or made-up data.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -107,19 +106,22 @@ impl ClientOptions {
     /// # Errors
     /// `InvalidInput` saying what is wrong with the URL; errors reading the PEM files.
     pub fn from_url(url: &str) -> io::Result<(Address, Self)> {
+        // Messages never show the token.
+        let shown = crate::params::shown(url);
         let bad = |msg: String| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("bad server URL '{url}': {msg}"))
+            io::Error::new(io::ErrorKind::InvalidInput, format!("bad server URL '{shown}': {msg}"))
         };
         let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let params: HashMap<String, String> =
-            u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-        for key in params.keys() {
-            if !["ca", "token", "cert", "key", "server-name", "socket", "connections", "timeout"]
-                .contains(&key.as_str())
-            {
-                return Err(bad(format!("unknown parameter '{key}'")));
-            }
-        }
+        let mut params = crate::params::Params::parse(url)?;
+        let ca = params.path("ca")?;
+        let cert = params.path("cert")?;
+        let key = params.path("key")?;
+        let token = params.take("token");
+        let server_name = params.take("server-name");
+        let socket = params.path("socket")?;
+        let connections = params.take("connections");
+        let timeout = params.take("timeout");
+        params.finish()?;
         let export = match u.path().trim_start_matches('/') {
             "" => DEFAULT_EXPORT.to_owned(),
             p => p.to_owned(),
@@ -131,23 +133,22 @@ impl ClientOptions {
         };
         let (address, security) = match u.scheme() {
             "r3map" => {
-                let ca = params.get("ca").ok_or_else(|| {
+                let ca = ca.ok_or_else(|| {
                     bad("TLS needs the CA that signed the server's certificate: add ?ca=PATH (or use r3map+plain:// on a trusted network)".into())
                 })?;
-                let ca = read_pem(ca.as_ref())?;
-                let identity = match (params.get("cert"), params.get("key")) {
-                    (Some(c), Some(k)) => Some((read_pem(c.as_ref())?, read_pem(k.as_ref())?)),
+                let ca = read_pem(&ca)?;
+                let identity = match (cert, key) {
+                    (Some(c), Some(k)) => Some((read_pem(&c)?, read_pem(&k)?)),
                     (None, None) => None,
                     _ => return Err(bad("cert and key go together".into())),
                 };
                 let config = client_tls(&ca, identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())))?;
-                (tcp()?, ClientSecurity::Tls { config, server_name: params.get("server-name").cloned() })
+                (tcp()?, ClientSecurity::Tls { config, server_name })
             }
             "r3map+plain" => (tcp()?, ClientSecurity::Plaintext),
             "r3map+unix" => {
-                let socket =
-                    params.get("socket").ok_or_else(|| bad("a Unix socket URL needs ?socket=PATH".into()))?;
-                (Address::Unix(PathBuf::from(socket)), ClientSecurity::Plaintext)
+                let socket = socket.ok_or_else(|| bad("a Unix socket URL needs ?socket=PATH".into()))?;
+                (Address::Unix(socket), ClientSecurity::Plaintext)
             }
             other => {
                 return Err(bad(format!("unknown scheme '{other}' (use r3map, r3map+plain or r3map+unix)")));
@@ -155,12 +156,12 @@ impl ClientOptions {
         };
         let mut options = Self::new(security);
         options.export = export;
-        options.token = params.get("token").cloned();
-        if let Some(n) = params.get("connections") {
+        options.token = token;
+        if let Some(n) = connections {
             options.connections =
                 n.parse().ok().filter(|&n| n > 0).ok_or_else(|| bad(format!("connections={n}")))?;
         }
-        if let Some(t) = params.get("timeout") {
+        if let Some(t) = timeout {
             options.timeout = Duration::from_secs(t.parse().map_err(|_| bad(format!("timeout={t}")))?);
         }
         Ok((address, options))

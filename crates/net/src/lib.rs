@@ -17,6 +17,9 @@
 //! - [`client`]: [`RemoteBackend`] with reconnection, and its [`Address`] URLs.
 //! - [`mux`]: [`Mux`](mux::Mux), the multiplexed client every protocol's client is built on
 //!   (pipelining, request classes, deadlines, reconnection).
+//! - [`params`]: backend URLs taken apart, for every protocol and store: [`Params`](params::Params),
+//!   the query with typed getters, and [`BackendUrl`](params::BackendUrl), whose authority may list
+//!   several hosts.
 //! - [`pool`]: reusable payload buffers.
 //! - [`certs`]: a private CA and the certificates it signs, for mutual TLS.
 //! - [`runtime`]: [`Io`], the runtime async work runs on (the caller's, or one shared by the
@@ -27,6 +30,7 @@ pub mod client;
 pub mod errno;
 mod frame_io;
 pub mod mux;
+pub mod params;
 pub mod pool;
 pub mod proto;
 pub mod runtime;

@@ -3,11 +3,13 @@
 //! the rest of the forms below, and returns a [`Backend`] ready for the pipeline, a mount or a
 //! server, so that a program need not know which crate speaks which protocol.
 //!
-//! What it does not: speak any protocol itself. Each scheme's own parameters are parsed by the
+//! What it does not: speak any protocol itself. Each scheme's own parameters are read by the
 //! crate that speaks it ([`r3map_net::ClientOptions::from_url`],
-//! `r3map_nbd::NbdClientOptions::from_url`, the stores' constructors); this crate holds the one
-//! table that maps schemes to them, the parameters every store takes (`size`, `chunk-size`,
-//! `max-batch`) and the local backends.
+//! `r3map_nbd::NbdClientOptions::from_url`, the stores' constructors), all with the one parser,
+//! [`params`] (from `r3map-net`, the lowest crate they share): the same typed getters, the same
+//! refusal of unknown and repeated parameters, the same multi-host authorities, and messages that
+//! never show a secret. This crate holds the one table that maps schemes to them, the parameters
+//! every store takes (`size`, `chunk-size`, `max-batch`) and the local backends.
 //!
 //! ```no_run
 //! let opened = r3map::open("memory:1GiB", &r3map::OpenOptions::default())?;
@@ -21,13 +23,13 @@
 //! # Features
 //! One per family of schemes, all on by default: `net` (`r3map://` and its plaintext and Unix
 //! forms), `nbd`, `grpc`, `redis`, `s3` and `cassandra`. The local backends are always there. A
-//! scheme whose feature is off is still in [`schemes`], and opening it says which feature it
+//! scheme whose feature is off is still in [`schemes()`], and opening it says which feature it
 //! needs.
 //!
 //! # Layout
 //! - [`schemes`](mod@schemes): the table of schemes, with a form and a line of help for each.
-//! - [`params`]: [`Params`], the query with typed getters, and [`BackendUrl`], a URL whose
-//!   authority may list several hosts.
+//! - [`params`] (re-exported from `r3map-net`): [`Params`], the query with typed getters, and
+//!   [`BackendUrl`], a URL whose authority may list several hosts.
 //! - [`local`]: memory, files, block devices and chunk directories.
 //! - `remote`: r3map, gRPC and NBD servers; `store`: Redis, S3 and Cassandra.
 //!
@@ -87,10 +89,10 @@
 //! certificate (`tls-verify-peer=false` is refused); it never falls back to plaintext.
 //!
 //! Every URL is checked for parameters given twice before it is opened, and a URL's errors name
-//! it: `cannot open the backend 'URL': ...`.
+//! it, without its secrets (`token`, `secret-access-key`, a password: `******`):
+//! `cannot open the backend 'URL': ...`.
 
 pub mod local;
-pub mod params;
 #[cfg(any(feature = "net", feature = "grpc", feature = "nbd"))]
 mod remote;
 pub mod schemes;
@@ -103,6 +105,7 @@ use std::io;
 pub use params::{BackendUrl, HostPort, Params, UrlError};
 pub use r3map_core::{Backend, SharedBackend};
 pub use r3map_net::Io;
+pub use r3map_net::params;
 pub use schemes::{Scheme, schemes};
 
 // The crates behind the schemes, for what a URL does not say.
@@ -184,12 +187,14 @@ impl fmt::Debug for Opened {
 /// (whose kind it keeps: `NotFound`, `PermissionDenied`, `ConnectionRefused`...).
 pub fn open(url: &str, options: &OpenOptions) -> io::Result<Opened> {
     open_inner(url, options).map_err(|e| {
+        // Messages never show a secret of the URL (a token, a password, an S3 secret key).
+        let shown = params::shown(url);
         // A URL error names the URL already; say it once.
         let cause = match e.get_ref().and_then(|inner| inner.downcast_ref::<UrlError>()) {
-            Some(u) if u.url() == url => u.problem().to_owned(),
+            Some(u) if u.url() == shown => u.problem().to_owned(),
             _ => e.to_string(),
         };
-        io::Error::new(e.kind(), format!("cannot open the backend '{url}': {cause}"))
+        io::Error::new(e.kind(), format!("cannot open the backend '{shown}': {cause}"))
     })
 }
 

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt, stream};
 use r3map_net::Io;
+use r3map_net::params::{BackendUrl, Params};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -134,73 +135,67 @@ impl CassandraConfig {
     /// table that is not a CQL identifier, an unknown parameter (named), a path, `ca` missing for
     /// TLS or given without it.
     pub fn parse(url: &str) -> io::Result<Self> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad_url("no scheme (cassandra://...)"))?;
-        let tls = match scheme.to_ascii_lowercase().as_str() {
+        if !url.contains("://") {
+            return Err(bad_url("no scheme (cassandra://...)"));
+        }
+        let parsed = BackendUrl::parse(url)?;
+        let tls = match parsed.scheme() {
             "cassandra" => false,
             "cassandrasecure" => true,
             other => {
                 return Err(bad_url(format!("unknown scheme '{other}' (use cassandra or cassandrasecure)")));
             }
         };
-        let (rest, fragment) = rest.split_once('#').map_or((rest, None), |(r, f)| (r, Some(f)));
-        if fragment.is_some() {
+        if url.contains('#') {
             return Err(bad_url("a fragment (#...) means nothing here"));
         }
-        let (rest, query) = rest.split_once('?').map_or((rest, ""), |(r, q)| (r, q));
-        let (authority, path) = rest.find('/').map_or((rest, ""), |at| rest.split_at(at));
+        let path = parsed.path();
         if !path.is_empty() && path != "/" {
             return Err(bad_url(format!(
                 "unexpected path '{path}' (name the keyspace and table with ?keyspace=K&table=T)"
             )));
         }
-        let (userinfo, hosts) = authority.rsplit_once('@').map_or((None, authority), |(u, h)| (Some(u), h));
-        let credentials = match userinfo {
-            None | Some("") => None,
-            Some(u) => {
-                let (user, password) = u.split_once(':').unwrap_or((u, ""));
-                Some((percent_decode(user, "user name")?, percent_decode(password, "password")?))
-            }
-        };
-        let nodes = hosts.split(',').map(parse_node).collect::<io::Result<Vec<_>>>()?;
-
-        let mut config = Self {
-            nodes,
-            credentials,
-            ca: None,
-            keyspace: DEFAULT_KEYSPACE.to_owned(),
-            table: DEFAULT_TABLE.to_owned(),
-            prefix: String::new(),
-            replication: 1,
-        };
-        let mut seen: Vec<String> = Vec::new();
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if crate::COMMON_PARAMETERS.contains(&key.as_ref()) {
-                continue;
-            }
-            if seen.contains(&key.to_string()) {
-                return Err(bad_url(format!("parameter '{key}' given twice")));
-            }
-            seen.push(key.to_string());
-            match key.as_ref() {
-                "keyspace" => config.keyspace = identifier("keyspace", &value)?,
-                "table" => config.table = identifier("table", &value)?,
-                "prefix" => config.prefix = value.into_owned(),
-                "replication" => {
-                    config.replication = value.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                        bad_url(format!("replication={value} (a replication factor is a number from 1)"))
-                    })?;
-                }
-                "ca" if tls => config.ca = Some(PathBuf::from(value.as_ref())),
-                "ca" => return Err(bad_url("ca is for TLS: use cassandrasecure:// with it")),
-                other => return Err(bad_url(format!("unknown parameter '{other}'"))),
-            }
+        if parsed.hosts().is_empty() {
+            return Err(bad_url("no node (cassandra://HOST[:PORT])"));
         }
-        if tls && config.ca.is_none() {
+        let nodes = parsed
+            .hosts()
+            .iter()
+            .map(|h| Node { host: h.host.clone(), port: h.port.unwrap_or(DEFAULT_PORT) })
+            .collect();
+        let credentials =
+            parsed.user().map(|user| (user.to_owned(), parsed.password().unwrap_or_default().to_owned()));
+
+        let mut params = parsed.into_params();
+        for key in crate::COMMON_PARAMETERS {
+            params.take(key);
+        }
+        let name = |params: &mut Params, key: &str, default: &str| {
+            params.take(key).map_or_else(|| Ok(default.to_owned()), |v| identifier(key, &v))
+        };
+        let keyspace = name(&mut params, "keyspace", DEFAULT_KEYSPACE)?;
+        let table = name(&mut params, "table", DEFAULT_TABLE)?;
+        let prefix = params.take("prefix").unwrap_or_default();
+        let replication = match params.take("replication") {
+            None => 1,
+            Some(value) => value.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                params.error(
+                    "replication",
+                    format!("replication={value} (a replication factor is a number from 1)"),
+                )
+            })?,
+        };
+        let ca = params.path("ca")?;
+        if ca.is_some() && !tls {
+            return Err(params.error("ca", "ca is for TLS: use cassandrasecure:// with it"));
+        }
+        params.finish()?;
+        if tls && ca.is_none() {
             return Err(bad_url(
                 "cassandrasecure:// needs ?ca=PATH, the CA in PEM that signed the nodes' certificates",
             ));
         }
-        Ok(config)
+        Ok(Self { nodes, credentials, ca, keyspace, table, prefix, replication })
     }
 
     /// The nodes, comma-separated (`127.0.0.1:9042,[::1]:9042`).
@@ -224,48 +219,6 @@ impl CassandraConfig {
     }
 }
 
-fn parse_node(s: &str) -> io::Result<Node> {
-    let (host, port) = if let Some(inner) = s.strip_prefix('[') {
-        let (host, after) = inner
-            .split_once(']')
-            .ok_or_else(|| bad_url(format!("'{s}': an IPv6 address without its ']'")))?;
-        match after {
-            "" => (host, None),
-            _ => (
-                host,
-                Some(after.strip_prefix(':').ok_or_else(|| bad_url(format!("'{s}': ':' must follow ']'")))?),
-            ),
-        }
-    } else {
-        match s.split_once(':') {
-            Some((_, port)) if port.contains(':') => {
-                return Err(bad_url(format!("'{s}': write an IPv6 address in brackets ([::1]:9042)")));
-            }
-            Some((host, port)) => (host, Some(port)),
-            None => (s, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad_url(if s.is_empty() {
-            "no node (cassandra://HOST[:PORT])".to_owned()
-        } else {
-            format!("'{s}': no host")
-        }));
-    }
-    if host.contains(|c: char| c.is_whitespace() || "/?#@[]".contains(c)) {
-        return Err(bad_url(format!("'{host}' is not a host")));
-    }
-    let port = match port {
-        None => DEFAULT_PORT,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| bad_url(format!("'{s}': '{p}' is not a port")))?,
-    };
-    Ok(Node { host: host.to_owned(), port })
-}
-
 /// `name` in lower case if it is a CQL identifier that can name a keyspace or table: letters,
 /// digits and underscores, starting with a letter, at most [`MAX_NAME_LEN`] characters.
 ///
@@ -283,25 +236,6 @@ pub fn identifier(what: &str, name: &str) -> io::Result<String> {
              letter, at most {MAX_NAME_LEN} characters"
         )))
     }
-}
-
-fn percent_decode(s: &str, what: &str) -> io::Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
-            let hex = hex.ok_or_else(|| bad_url(format!("the {what} has a '%' without two hex digits")))?;
-            let hex = std::str::from_utf8(hex).expect("hex digits are ASCII");
-            out.push(u8::from_str_radix(hex, 16).expect("two hex digits make a byte"));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad_url(format!("the {what} is not UTF-8 once decoded")))
 }
 
 /// The CQL the store sends, built from validated names.
@@ -739,7 +673,7 @@ mod tests {
     #[test]
     fn unknown_and_repeated_parameters_are_rejected_by_name() {
         assert!(rejected("cassandra://h?keyspace=k&colour=red").contains("'colour'"));
-        assert!(rejected("cassandra://h?table=a&table=b").contains("'table' given twice"));
+        assert!(rejected("cassandra://h?table=a&table=b").contains("'table' is given twice"));
     }
 
     #[test]

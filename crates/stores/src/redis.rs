@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use r3map_net::Io;
+use r3map_net::params::Params;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError,
@@ -100,25 +101,27 @@ impl Target {
             other => return Err(bad(format!("unknown scheme '{other}' (use redis, rediss or redis+unix)"))),
         };
         let unix = url.scheme() == "redis+unix";
-        let mut prefix = DEFAULT_PREFIX.to_owned();
-        let mut ca = None;
-        let mut query_db = None;
-        for (key, value) in url.query_pairs() {
-            match key.as_ref() {
-                "prefix" => prefix = value.into_owned(),
-                "ca" if tls => ca = Some(PathBuf::from(value.as_ref())),
-                "db" if unix => {
-                    query_db =
-                        Some(value.parse::<i64>().map_err(|_| bad(format!("db={value} is no number")))?);
-                }
-                "timeout" => options.response_timeout = seconds(&key, &value).map_err(bad)?,
-                "connect-timeout" => options.connect_timeout = seconds(&key, &value).map_err(bad)?,
-                k if crate::COMMON_PARAMETERS.contains(&k) => {}
-                "ca" => return Err(bad("ca= is for TLS only (rediss://)".to_owned())),
-                "db" => return Err(bad("the database goes in the path (redis://HOST:PORT/DB)".to_owned())),
-                other => return Err(bad(format!("unknown parameter '{other}'"))),
+        let mut params = Params::parse(url.as_str())?;
+        for key in crate::COMMON_PARAMETERS {
+            params.take(key);
+        }
+        let prefix = params.take("prefix").unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        let ca = params.path("ca")?;
+        if ca.is_some() && !tls {
+            return Err(params.error("ca", "ca= is for TLS only (rediss://)"));
+        }
+        let query_db = params.number::<i64>("db", "a number")?;
+        if query_db.is_some() && !unix {
+            return Err(params.error("db", "the database goes in the path (redis://HOST:PORT/DB)"));
+        }
+        for (key, timeout) in
+            [("timeout", &mut options.response_timeout), ("connect-timeout", &mut options.connect_timeout)]
+        {
+            if let Some(value) = params.take(key) {
+                *timeout = seconds(key, &value).map_err(|e| params.error(key, e))?;
             }
         }
+        params.finish()?;
         let username = match url.username() {
             "" => None,
             u => Some(percent_decode(u).map_err(|e| bad(format!("the user name: {e}")))?),

@@ -22,7 +22,6 @@
 //! [`RETRY_TIMEOUT`]; opening gives up after [`OPEN_TIMEOUT`]. Connections are pooled and re-established as needed, so a server that
 //! restarts is used again by the next call once it is back.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::time::Duration;
@@ -34,6 +33,7 @@ use object_store::path::Path;
 use object_store::signer::{Method, Signer};
 use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use r3map_net::Io;
+use r3map_net::params::{self, Params};
 
 use crate::ChunkStore;
 
@@ -78,7 +78,10 @@ impl fmt::Debug for S3Url {
 impl S3Url {
     fn parse(url: &url::Url) -> io::Result<Self> {
         let bad = |msg: String| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("bad S3 URL '{}': {msg}", redacted(url)))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad S3 URL '{}': {msg}", params::shown(url.as_str())),
+            )
         };
         if url.scheme() != "s3" {
             return Err(bad(format!("the scheme is '{}', not 's3'", url.scheme())));
@@ -91,61 +94,35 @@ impl S3Url {
         }
         let prefix = Path::from_url_path(url.path().trim_matches('/'))
             .map_err(|e| bad(format!("the prefix '{}' is not a valid object path: {e}", url.path())))?;
-        let mut params: HashMap<String, String> = HashMap::new();
-        for (key, value) in url.query_pairs() {
-            match key.as_ref() {
-                "endpoint" | "region" | "access-key-id" | "secret-access-key" | "create-bucket" => {
-                    params.insert(key.into_owned(), value.into_owned());
-                }
-                k if crate::COMMON_PARAMETERS.contains(&k) => {}
-                k => return Err(bad(format!("unknown parameter '{k}'"))),
-            }
+        let mut params = Params::parse(url.as_str())?;
+        for key in crate::COMMON_PARAMETERS {
+            params.take(key);
         }
-        let endpoint = params.remove("endpoint");
+        let endpoint = params.take("endpoint");
         if let Some(e) = &endpoint {
             let parsed = url::Url::parse(e).map_err(|err| bad(format!("endpoint={e}: {err}")))?;
             if !["http", "https"].contains(&parsed.scheme()) {
                 return Err(bad(format!("endpoint={e}: not an http:// or https:// URL")));
             }
         }
-        let access_key_id = params.remove("access-key-id");
-        let secret_access_key = params.remove("secret-access-key");
+        let access_key_id = params.take("access-key-id");
+        let secret_access_key = params.take("secret-access-key");
         if access_key_id.is_some() != secret_access_key.is_some() {
             return Err(bad("access-key-id and secret-access-key go together".into()));
         }
-        let create_bucket = match params.remove("create-bucket").as_deref() {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => return Err(bad(format!("create-bucket={other}: say true or false"))),
-        };
+        let create_bucket = params.flag("create-bucket")?.unwrap_or(false);
+        let region = params.take("region");
+        params.finish()?;
         Ok(Self {
             bucket: bucket.to_owned(),
             prefix,
             endpoint,
-            region: params.remove("region"),
+            region,
             access_key_id,
             secret_access_key,
             create_bucket,
         })
     }
-}
-
-/// `url` without the secret access key, for messages.
-fn redacted(url: &url::Url) -> String {
-    let mut shown = url.clone();
-    let pairs: Vec<(String, String)> = url
-        .query_pairs()
-        .map(|(k, v)| {
-            let v = if k == "secret-access-key" { "******".to_owned() } else { v.into_owned() };
-            (k.into_owned(), v)
-        })
-        .collect();
-    if pairs.is_empty() {
-        shown.set_query(None);
-    } else {
-        shown.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    shown.to_string()
 }
 
 /// A [`ChunkStore`] of one object per chunk in an S3 bucket; see the [module docs](self).
@@ -230,7 +207,7 @@ impl S3Store {
         let s3 = builder.build().map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("cannot configure S3 for '{}': {e}", redacted(url)),
+                format!("cannot configure S3 for '{}': {e}", params::shown(url.as_str())),
             )
         })?;
         let store = Self {
@@ -561,7 +538,7 @@ mod tests {
             ("s3://bkt:9000", "bucket alone"),
             ("s3://user:pw@bkt", "bucket alone"),
             ("s3://bkt?access-key-id=AK", "go together"),
-            ("s3://bkt?create-bucket=yes", "create-bucket=yes"),
+            ("s3://bkt?create-bucket=maybe", "create-bucket=maybe"),
             ("s3://bkt?endpoint=ftp://host", "not an http"),
             ("s3://bkt/a//b", "prefix"),
         ] {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use r3map_net::params::Params;
 use r3map_net::security::{client_tls, read_pem};
 use rustls::pki_types::ServerName;
 
@@ -318,8 +319,11 @@ impl NbdClientOptions {
     /// (`tls-type=psk`, `tls-psk-file`), anonymous TLS (`tls-type=anon`), and revocation lists
     /// (`ca-crl.pem`). Errors reading the PEM files, naming them.
     pub fn from_url(url: &str) -> io::Result<(NbdAddress, Self)> {
-        let bad =
-            |msg: String| io::Error::new(io::ErrorKind::InvalidInput, format!("bad NBD URI '{url}': {msg}"));
+        // Messages never show a secret of the URI.
+        let shown = r3map_net::params::shown(url);
+        let bad = |msg: String| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("bad NBD URI '{shown}': {msg}"))
+        };
         let u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         let (unix, tls) = match u.scheme() {
             "nbd" => (false, false),
@@ -333,29 +337,30 @@ impl NbdClientOptions {
             }
         };
         let mut options = Self::default();
-        let mut socket = None;
+        let mut params = Params::parse(url)?;
+        let socket = if unix { params.path("socket")? } else { None };
+        if let Some(value) = params.take("connections") {
+            options.connections = value
+                .parse()
+                .ok()
+                .filter(|&n| (1..=64).contains(&n))
+                .ok_or_else(|| bad(format!("connections={value} is not a number from 1 to 64")))?;
+        }
+        if let Some(value) = params.take("timeout") {
+            let seconds: u64 = value
+                .parse()
+                .ok()
+                .filter(|&s| s > 0)
+                .ok_or_else(|| bad(format!("timeout={value} is not a positive number of seconds")))?;
+            options.timeout = Duration::from_secs(seconds);
+        }
+        // The rest are TLS parameters, or unknown.
         let mut tls_parameters = TlsParameters::default();
-        for (key, value) in u.query_pairs() {
-            match key.as_ref() {
-                "socket" if unix => socket = Some(PathBuf::from(value.as_ref())),
-                "connections" => {
-                    options.connections =
-                        value.parse().ok().filter(|&n| (1..=64).contains(&n)).ok_or_else(|| {
-                            bad(format!("connections={value} is not a number from 1 to 64"))
-                        })?;
-                }
-                "timeout" => {
-                    let seconds: u64 =
-                        value.parse().ok().filter(|&s| s > 0).ok_or_else(|| {
-                            bad(format!("timeout={value} is not a positive number of seconds"))
-                        })?;
-                    options.timeout = Duration::from_secs(seconds);
-                }
-                k => {
-                    if !tls_parameters.take(k, &value).map_err(bad)? {
-                        return Err(bad(format!("unknown parameter '{k}'")));
-                    }
-                }
+        let rest: Vec<String> = params.keys().map(str::to_owned).collect();
+        for key in rest {
+            let value = params.take(&key).unwrap_or_default();
+            if !tls_parameters.take(&key, &value).map_err(bad)? {
+                return Err(bad(format!("unknown parameter '{key}'")));
             }
         }
         if !tls && let Some(k) = &tls_parameters.first {
@@ -387,7 +392,7 @@ impl NbdClientOptions {
             let built = tls_parameters.build(default_name).map_err(|e| {
                 let kind = e.kind();
                 let message = e.to_string();
-                io::Error::new(kind, format!("bad NBD URI '{url}': {message}"))
+                io::Error::new(kind, format!("bad NBD URI '{shown}': {message}"))
             })?;
             options.tls = Some(built);
         }

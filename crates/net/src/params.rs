@@ -52,6 +52,64 @@ fn url_error(url: &str, key: Option<&str>, problem: String) -> io::Error {
     )
 }
 
+/// Query parameters whose values are secrets: [`shown`] replaces them with `******`.
+pub const SECRET_PARAMETERS: [&str; 3] = ["token", "secret-access-key", "password"];
+
+/// `url` as messages may show it: the values of [`SECRET_PARAMETERS`] and the password of the
+/// authority (`USER:PASSWORD@`) replaced with `******`. Everything else is left as written.
+#[must_use]
+pub fn shown(url: &str) -> String {
+    let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(b, f)| (b, Some(f)));
+    let (rest, query) =
+        before_fragment.split_once('?').map_or((before_fragment, None), |(r, q)| (r, Some(q)));
+    let mut out = String::with_capacity(url.len());
+    // The password: between "//USER:" and the last '@' of the authority.
+    match rest.split_once("//") {
+        Some((scheme, after)) => {
+            let (authority, path) = after.find('/').map_or((after, ""), |at| after.split_at(at));
+            out.push_str(scheme);
+            out.push_str("//");
+            match authority.rsplit_once('@') {
+                Some((userinfo, hosts)) => {
+                    match userinfo.split_once(':') {
+                        Some((user, _)) => {
+                            out.push_str(user);
+                            out.push_str(":******");
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push('@');
+                    out.push_str(hosts);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(path);
+        }
+        None => out.push_str(rest),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| {
+                let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                let decoded: String = url::form_urlencoded::parse(key.as_bytes()).map(|(k, _)| k).collect();
+                if SECRET_PARAMETERS.contains(&decoded.as_str()) {
+                    format!("{key}=******")
+                } else {
+                    pair.to_owned()
+                }
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
 /// The part of `url` between the scheme and the query (without a fragment), and the query.
 fn split(url: &str) -> (&str, &str) {
     let url = url.split_once('#').map_or(url, |(before, _)| before);
@@ -59,11 +117,19 @@ fn split(url: &str) -> (&str, &str) {
     (rest.split_once(':').map_or(rest, |(_, after)| after), query)
 }
 
-/// The query parameters of a URL, percent-decoded, each taken at most once.
-#[derive(Debug, Clone)]
+/// The query parameters of a URL, percent-decoded, each taken at most once. Its errors show the
+/// URL without its secrets ([`shown`]).
+#[derive(Clone)]
 pub struct Params {
+    /// The URL as errors show it.
     url: String,
     left: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Params {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Params").field("url", &self.url).field("keys", &self.left.keys()).finish()
+    }
 }
 
 impl Params {
@@ -73,16 +139,17 @@ impl Params {
     /// A parameter given twice.
     pub fn parse(url: &str) -> io::Result<Self> {
         let (_, query) = split(url);
+        let shown = shown(url);
         let mut left = BTreeMap::new();
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             if left.insert(key.clone().into_owned(), value.into_owned()).is_some() {
-                return Err(url_error(url, Some(&key), format!("the parameter '{key}' is given twice")));
+                return Err(url_error(&shown, Some(&key), format!("the parameter '{key}' is given twice")));
             }
         }
-        Ok(Self { url: url.to_owned(), left })
+        Ok(Self { url: shown, left })
     }
 
-    /// The URL these parameters are from.
+    /// The URL these parameters are from, as messages show it (without secrets).
     #[must_use]
     pub fn url(&self) -> &str {
         &self.url
@@ -250,7 +317,8 @@ impl BackendUrl {
     /// port that is not a number from 1 to 65535, an IPv6 address without brackets), or a
     /// parameter given twice.
     pub fn parse(url: &str) -> io::Result<Self> {
-        let bad = |problem: String| url_error(url, None, problem);
+        let shown = shown(url);
+        let bad = |problem: String| url_error(&shown, None, problem);
         let scheme = match url.split_once(':') {
             Some((s, _))
                 if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
@@ -397,6 +465,31 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_never_shown() {
+        assert_eq!(
+            shown("s3://b/p?size=1MiB&secret-access-key=hunter2&access-key-id=AK#f"),
+            "s3://b/p?size=1MiB&secret-access-key=******&access-key-id=AK#f"
+        );
+        assert_eq!(
+            shown("redis://user:pass%40word@h:6379/0?prefix=x"),
+            "redis://user:******@h:6379/0?prefix=x"
+        );
+        assert_eq!(shown("redis://:pass@h"), "redis://:******@h");
+        assert_eq!(shown("r3map+plain://h/x?token=t0ps3cret"), "r3map+plain://h/x?token=******");
+        assert_eq!(shown("memory:4GiB"), "memory:4GiB");
+        assert_eq!(shown("file:///srv/a%20b?size=1"), "file:///srv/a%20b?size=1");
+        let e = Params::parse("s3://b?secret-access-key=hunter2&size=1&size=2").unwrap_err().to_string();
+        assert!(!e.contains("hunter2") && e.contains("******"), "{e}");
+        let mut p = Params::parse("nbd://h/x?token=hunter2&colour=red").unwrap();
+        assert_eq!(p.take("token").as_deref(), Some("hunter2"), "values are the real ones");
+        assert!(!format!("{p:?}").contains("hunter2"));
+        let e = p.finish().unwrap_err().to_string();
+        assert!(!e.contains("hunter2") && e.contains("'colour'"), "{e}");
+        let e = BackendUrl::parse("cassandra://u:hunter2@a,,b").unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
     fn typed_getters_take_their_parameter() {
         let mut p = Params::parse("x://h/p?size=64KiB&n=7&on&off=no&path=/a%20b&name=a+b#frag=1").unwrap();
         assert_eq!(p.size("size").unwrap(), Some(64 << 10));
@@ -504,7 +597,7 @@ mod tests {
         ] {
             let e = BackendUrl::parse(url).unwrap_err();
             assert!(e.to_string().contains(wanted), "{url}: {e}");
-            assert_eq!(problem(&e).url(), url);
+            assert_eq!(problem(&e).url(), shown(url));
         }
     }
 }
