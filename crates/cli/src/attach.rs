@@ -108,9 +108,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         human(size),
         args.connections
     );
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
-    runtime.block_on(async {
+    r3map_net::Io::shared().block_on(async {
         let mut sigint = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
         let mut sigterm = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
         tokio::select! {

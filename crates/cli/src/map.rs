@@ -134,9 +134,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
 
     if args.hold {
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
-        runtime.block_on(hold(&region))?;
+        r3map_net::Io::shared().block_on(hold(&region))?;
     }
 
     let stats = region.stats();

@@ -141,10 +141,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         mount.opened_in()
     );
 
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let mount = Arc::new(mount);
-    runtime.block_on(wait_for_signal(&mount))?;
+    r3map_net::Io::shared().block_on(wait_for_signal(&mount))?;
     let mount = Arc::try_unwrap(mount).map_err(|_| anyhow::anyhow!("the mount is still in use"))?;
     let stats = mount.synced().map(|s| s.stats());
     mount.close().context("closing the mount (sync, unmount, final push) failed")?;

@@ -117,8 +117,7 @@ mod tests {
 
     #[test]
     fn scrapes_are_answered_on_the_port_the_kernel_picked() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
+        r3map_net::Io::shared().block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             assert_ne!(addr.port(), 0);

@@ -298,43 +298,36 @@ fn swap_used_in(swaps: &str, device: &Path) -> Option<u64> {
 /// while it is being removed exits at once.
 fn watch_signals(removing: Arc<AtomicBool>) -> anyhow::Result<mpsc::Receiver<()>> {
     let (tx, rx) = mpsc::channel();
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let (mut int, mut term) =
-                    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-                        (Ok(i), Ok(t)) => (i, t),
-                        (Err(e), _) | (_, Err(e)) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                let _ = ready_tx.send(Ok(()));
-                loop {
-                    tokio::select! {
-                        _ = int.recv() => {}
-                        _ = term.recv() => {}
-                    }
-                    if removing.load(Ordering::SeqCst) {
-                        eprintln!(
-                            "ram-dl: second signal, exiting without removing the swap: anything still \
-                             swapped out to it is lost"
-                        );
-                        std::process::exit(130);
-                    }
-                    if tx.send(()).is_err() {
-                        return;
-                    }
-                }
-            });
-        })
-        .context("cannot start the signal thread")?;
-    ready_rx.recv().context("the signal thread")?.context("cannot catch SIGINT and SIGTERM")?;
+    // A task on the shared runtime, whose threads are up before the swap is.
+    drop(r3map_net::Io::shared().handle().spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(i), Ok(t)) => (i, t),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if removing.load(Ordering::SeqCst) {
+                eprintln!(
+                    "ram-dl: second signal, exiting without removing the swap: anything still \
+                     swapped out to it is lost"
+                );
+                std::process::exit(130);
+            }
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    }));
+    ready_rx.recv().context("the signal task")?.context("cannot catch SIGINT and SIGTERM")?;
     Ok(rx)
 }
 

@@ -893,8 +893,7 @@ mod tests {
     #[test]
     fn stale_sockets_are_replaced_and_other_files_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let _guard = runtime.enter();
+        let _guard = r3map_net::Io::shared().handle().enter();
         let path = dir.path().join("sock");
         let (listener, file) = SocketFile::bind(&path).unwrap();
         let e = SocketFile::bind(&path).err().unwrap().to_string();

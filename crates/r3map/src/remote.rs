@@ -170,8 +170,7 @@ mod tests {
         listener.set_nonblocking(true).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
+            r3map_net::Io::shared().block_on(async move {
                 let listener = tokio::net::UnixListener::from_std(listener).unwrap();
                 server.serve_unix(listener, async { drop(stopped.await) }).await
             })

@@ -425,7 +425,7 @@ mod tests {
         let mut session = negotiated();
         session.info.structured_replies = structured;
         session.context = Some(1);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = r3map_net::Io::shared();
         let end = rt.block_on(r3map_net::mux::read_replies(&codec, bytes, &session, &in_flight));
         (end, receivers.into_iter().map(|rx| rx.try_recv().ok()).collect())
     }
@@ -583,7 +583,7 @@ mod tests {
 
     #[test]
     fn requests_are_pipelined_and_dropping_says_goodbye() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = r3map_net::Io::shared();
         let (mux, mut server) = client(Duration::from_secs(10));
         let flushed = mux.submit(Class::Demand, call(Command::Flush, 0, 0)).unwrap();
         let mut write = call(Command::Write, 8, 3);
@@ -622,7 +622,7 @@ mod tests {
 
     #[test]
     fn an_unanswered_request_times_out_without_hanging() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = r3map_net::Io::shared();
         let (mux, mut server) = client(Duration::from_millis(300));
         let read = mux.submit(Class::Demand, call(Command::Read, 0, 4096)).unwrap();
         let request = rt.block_on(next_request(&mut server));

@@ -710,7 +710,7 @@ mod tests {
     /// Runs `negotiate` against a scripted server that sends `script` and records what the client
     /// sent.
     fn run(script: &[u8], export: &str) -> (Result<Negotiated>, Vec<u8>) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = r3map_net::Io::shared();
         rt.block_on(async {
             let (client, mut server) = tokio::io::duplex(1 << 20);
             server.write_all(script).await.unwrap();
@@ -971,7 +971,7 @@ mod tests {
         config: Arc<rustls::ServerConfig>,
         script: &[u8],
     ) -> (Result<Negotiated>, Seen) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = r3map_net::Io::shared();
         rt.block_on(async {
             let (client, mut server) = tokio::io::duplex(1 << 20);
             let script = script.to_vec();
@@ -1065,7 +1065,7 @@ mod tests {
     /// Runs `negotiate` with TLS against a scripted plaintext server.
     fn run_refused_tls(script: &[u8]) -> (Result<Negotiated>, Vec<u8>) {
         let (tls, _) = pki("localhost", false, false);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = r3map_net::Io::shared();
         rt.block_on(async {
             let (client, mut server) = tokio::io::duplex(1 << 20);
             server.write_all(script).await.unwrap();

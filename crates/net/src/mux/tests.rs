@@ -125,7 +125,7 @@ impl Codec for ToyCodec {
 
 /// The server's end of a connection, driven by the test thread.
 struct Server {
-    rt: tokio::runtime::Runtime,
+    rt: crate::Io,
     stream: DuplexStream,
 }
 
@@ -140,7 +140,7 @@ struct Seen {
 
 impl Server {
     fn new(stream: DuplexStream) -> Self {
-        Self { rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(), stream }
+        Self { rt: crate::Io::shared(), stream }
     }
 
     fn next(&mut self) -> Seen {
