@@ -454,8 +454,8 @@ async fn serve(
         None => None,
     };
 
-    // Outside the runtime's context: client backends (stores, remote servers) run runtimes of
-    // their own, which cannot be started from inside this one.
+    // Opening blocks (a file created, a server or store connected to): this worker is handed
+    // over to blocking meanwhile, so the runtime's other tasks go on.
     let opened = tokio::task::block_in_place(open_backend)?;
     let description = opened.description.clone();
     let migration_closed = Arc::new(tokio::sync::Notify::new());
