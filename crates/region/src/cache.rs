@@ -228,4 +228,12 @@ impl Cache for RegionCache {
     fn take_written(&self, written: &mut dyn FnMut(Range<u64>)) -> io::Result<()> {
         self.tracker.scan(written).map(drop)
     }
+
+    /// Drops the pages of a stale fill, so that the next access faults and fetches the chunk
+    /// again. Chunks are whole pages (the region checks it), except the last one, whose short
+    /// page is dropped whole.
+    fn evict(&self, off: u64, len: u64) -> io::Result<()> {
+        check_range(off, len, self.size)?;
+        self.memory.mapping.discard(to_usize(off), to_usize(len))
+    }
 }

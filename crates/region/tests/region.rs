@@ -658,3 +658,87 @@ fn an_external_handler_serves_faults_over_scm_rights() {
     let status = wait_child(child, "external-handler", Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
 }
+
+/// A remote whose reads, while it is closed, take their bytes and then wait for it to open: a
+/// pull that has its (soon old) data and is still on its way.
+struct HoldAfterRead {
+    inner: Memory,
+    state: Mutex<(bool, u64)>,
+    changed: Condvar,
+}
+
+impl HoldAfterRead {
+    fn new(inner: Memory) -> Self {
+        Self { inner, state: Mutex::new((true, 0)), changed: Condvar::new() }
+    }
+
+    fn wait_held(&self, n: u64) {
+        let mut s = self.state.lock().unwrap();
+        while s.1 < n {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.changed.notify_all();
+    }
+}
+
+impl Backend for HoldAfterRead {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, off)?;
+        let mut s = self.state.lock().unwrap();
+        if s.0 {
+            s.1 += 1;
+            self.changed.notify_all();
+            while s.0 {
+                s = self.changed.wait(s).unwrap();
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_pull_in_flight_when_invalidated_leaves_no_old_page() {
+    let _w = Watchdog::new("stale fill", 60);
+    let size = MIB;
+    let remote = Arc::new(HoldAfterRead::new(Memory::from_bytes(&pattern(10, size as usize))));
+    let Some(region) = open(remote.clone(), on_demand()) else { return };
+    let region = Arc::new(region);
+    let reader = {
+        let region = Arc::clone(&region);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16];
+            region.read(3 * CHUNK, &mut buf).map(|()| buf)
+        })
+    };
+    // The reader's pull holds chunk 3's old bytes; the source changes it and invalidates it.
+    remote.wait_held(1);
+    let newer = pattern(11, CHUNK as usize);
+    remote.inner.write_at(&newer, 3 * CHUNK).unwrap();
+    region.invalidate(3..4).unwrap();
+    remote.open();
+    assert_eq!(reader.join().unwrap().unwrap(), newer[..16], "the read fetched the chunk again");
+    // The old fill's pages are gone: a fault and a read both find the newer bytes.
+    assert_eq!(region.read_u8(3 * CHUNK + 1).unwrap(), newer[1]);
+    assert_eq!(region.read_u8(4 * CHUNK - 1).unwrap(), newer[CHUNK as usize - 1]);
+    let mut back = vec![0u8; newer.len()];
+    region.read(3 * CHUNK, &mut back).unwrap();
+    assert!(back == newer);
+    let Ok(region) = Arc::try_unwrap(region) else { panic!("the reader is done") };
+    region.close().unwrap();
+}

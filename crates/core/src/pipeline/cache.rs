@@ -57,6 +57,20 @@ pub trait Cache: Backend {
         let _ = written;
         Ok(())
     }
+
+    /// Drops what a fill stored at `off..off + len`: its chunk was invalidated
+    /// ([`Synced::mark_remote`](super::Synced::mark_remote)) while the fill was on its way, so
+    /// the bytes are older than the remote's and the chunk stays remote. Called before the chunk
+    /// can be claimed again. The default keeps the bytes: every read of a remote chunk goes
+    /// through the layer, which fetches it again. A cache that is read behind the layer's back
+    /// (a region's mapping) must drop them, or the next access finds the old bytes.
+    ///
+    /// # Errors
+    /// Dropping failed; the layer logs it (the chunk stays remote either way).
+    fn evict(&self, off: u64, len: u64) -> io::Result<()> {
+        let _ = (off, len);
+        Ok(())
+    }
 }
 
 /// Any backend is a cache whose fills are writes.

@@ -480,6 +480,13 @@ impl<L: Cache + ?Sized> Synced<L> {
         let stripe = self.stripe(c);
         let mut stale = stripe.stale.lock().expect("synced stripe lock");
         let was_invalidated = stale.remove(&c);
+        if filled && was_invalidated {
+            // Still claimed: nobody fills the chunk again before its old bytes are gone.
+            let bytes = self.geometry.byte_range(c..c + 1);
+            if let Err(e) = self.local.evict(bytes.start, bytes.end - bytes.start) {
+                tracing::warn!(chunk = c, error = %e, "dropping a stale fill failed");
+            }
+        }
         let became_local = filled && !was_invalidated && !self.local_bits.set(c);
         if became_local {
             self.counters.local.fetch_add(1, Ordering::AcqRel);
