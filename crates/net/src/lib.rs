@@ -13,7 +13,9 @@
 //! - [`proto`]: the wire format, encoded and decoded without I/O (the fuzzed decoders).
 //! - [`errno`]: error codes on the wire.
 //! - [`security`]: TLS configurations and the stream type.
-//! - [`server`]: [`Server`], [`Export`], [`ServerHandle`].
+//! - [`serve`]: the server skeleton every protocol's server is built on (accepting, the
+//!   connection set, the transmission driver with its in-flight budget, [`ServerHandle`]).
+//! - [`server`]: [`Server`] and [`Export`]: the r3map protocol's handshake and requests on it.
 //! - [`client`]: [`RemoteBackend`] with reconnection, and its [`Address`] URLs.
 //! - [`mux`]: [`Mux`](mux::Mux), the multiplexed client every protocol's client is built on
 //!   (pipelining, request classes, deadlines, reconnection).
@@ -35,6 +37,7 @@ pub mod pool;
 pub mod proto;
 pub mod runtime;
 pub mod security;
+pub mod serve;
 pub mod server;
 
 pub use client::{Address, ClientOptions, RemoteBackend};
