@@ -1,26 +1,23 @@
 //! The server: exposes [`Backend`]s (and migration [`Seeder`]s) to clients over TCP (TLS 1.3 by
 //! default), plaintext TCP when asked for, and Unix sockets.
 //!
-//! Each connection has a reader that decodes frames and starts every request at once (up to
-//! `max_in_flight` per connection) on tokio's blocking pool, since backends are blocking; replies
-//! go back in completion order through one writer. A malformed frame gets an error reply and
-//! closes that connection only. Shutdown stops accepting, lets requests in flight finish, then
-//! flushes every export.
+//! The connections, their requests and shutdown run on [`serve`](crate::serve): up to
+//! `max_in_flight` requests per connection run at once on tokio's blocking pool, their replies go
+//! back in completion order, and shutdown stops accepting, lets requests in flight finish, then
+//! flushes every export. This file is the protocol: the TLS upgrade, the hello, decoding and
+//! running requests, and their metrics. A malformed frame gets an error reply and closes that
+//! connection only.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use r3map_core::{Capabilities, Seeder, SharedBackend};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
 
 use crate::errno;
 use crate::frame_io::write_frame;
@@ -29,8 +26,9 @@ use crate::proto::{
     self, ClientHello, ExportInfo, Op, REQUEST_HEADER_LEN, Refusal, ReplyHeader, RequestHeader, ServerHello,
     export_flags,
 };
-use crate::runtime::Io;
 use crate::security::{BoxedIo, ServerSecurity, same_secret};
+pub use crate::serve::ServerHandle;
+use crate::serve::{self, Decoded, Handshake, Limits, Stop, Stream};
 
 /// One named resource a server offers.
 #[derive(Clone)]
@@ -243,8 +241,8 @@ impl fmt::Debug for Server {
 /// and its hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Signals shutdown to everything a server runs.
-type Shutdown = watch::Receiver<bool>;
+/// How long a client that does not read its replies may hold up shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Server {
     /// # Errors
@@ -298,11 +296,7 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        let acceptor = match &self.inner.security {
-            ServerSecurity::Tls(config) => Some(tokio_rustls::TlsAcceptor::from(Arc::clone(config))),
-            ServerSecurity::Plaintext => None,
-        };
-        self.serve(Listener::Tcp(listener, acceptor), shutdown).await
+        serve::serve(self, listener.into(), shutdown).await
     }
 
     /// Serves Unix socket connections until `shutdown` completes, as [`Server::serve_tcp`].
@@ -314,48 +308,7 @@ impl Server {
         listener: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        self.serve(Listener::Unix(listener), shutdown).await
-    }
-
-    async fn serve(&self, listener: Listener, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut connections = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(incoming) => {
-                        let server = self.clone();
-                        let stop = stop_rx.clone();
-                        connections.spawn(async move {
-                            let peer = incoming.peer.clone();
-                            let mut early_stop = stop.clone();
-                            let timeout = server.inner.handshake_timeout;
-                            let established = tokio::select! {
-                                r = tokio::time::timeout(timeout, incoming.establish()) => r,
-                                _ = early_stop.changed() => return,
-                            };
-                            match established {
-                                Ok(Ok(io)) => server.serve_connection(io, peer, stop).await,
-                                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: keep serving the clients we have.
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            }
-        }
-        tracing::info!(connections = connections.len(), "shutting down: finishing requests in flight");
-        let _ = stop_tx.send(true);
-        while connections.join_next().await.is_some() {}
-        self.flush_all().await
+        serve::serve(self, listener.into(), shutdown).await
     }
 
     /// Flushes every export's backend.
@@ -375,26 +328,23 @@ impl Server {
     ///
     /// A client has [`ServerConfig::handshake_timeout`] to complete its hello; shutdown ends a
     /// handshake that is still going on.
-    pub async fn serve_connection(&self, mut io: BoxedIo, peer: String, mut shutdown: Shutdown) {
-        let hello = tokio::select! {
-            r = tokio::time::timeout(self.inner.handshake_timeout, self.handshake(&mut io)) => r,
-            _ = shutdown.changed() => return,
-        };
-        let export = match hello {
-            Ok(Ok(Some(export))) => export,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "the client sent no hello in time");
-                return;
-            }
-        };
+    pub async fn serve_connection(&self, mut io: BoxedIo, peer: String, stop: Stop) {
+        let export =
+            match serve::handshake(self.inner.handshake_timeout, &stop, self.handshake(&mut io)).await {
+                Handshake::Done(Ok(Some(export))) => export,
+                Handshake::Done(Ok(None)) | Handshake::Stopped => return,
+                Handshake::Done(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "handshake failed");
+                    return;
+                }
+                Handshake::TimedOut => {
+                    tracing::info!(%peer, "the client sent no hello in time");
+                    return;
+                }
+            };
         tracing::debug!(%peer, export = %export.name, "client connected");
         metrics::counter!("r3map_server_connections_total").increment(1);
-        if let Err(e) = self.transmission(io, export, shutdown).await {
+        if let Err(e) = self.transmission(io, export, stop).await {
             tracing::info!(%peer, error = %e, "connection ended with an error");
         }
     }
@@ -449,59 +399,95 @@ impl Server {
         Ok(Some(export.clone()))
     }
 
-    async fn transmission(&self, io: BoxedIo, export: Export, mut shutdown: Shutdown) -> io::Result<()> {
-        let max_request = self.inner.max_request;
-        let (mut rd, wr) = tokio::io::split(io);
-        let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-        let writer = tokio::spawn(write_replies(wr, rx, Arc::clone(&self.inner)));
-        let permits = Arc::new(Semaphore::new(self.inner.max_in_flight));
-        let export = Arc::new(export);
-        let mut header = [0u8; REQUEST_HEADER_LEN];
-        let result = loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => break Ok(()),
-                read = rd.read_exact(&mut header) => {
-                    if let Err(e) = read {
-                        // A client that hangs up between frames is the normal end.
-                        break if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
+    async fn transmission(&self, io: BoxedIo, export: Export, stop: Stop) -> io::Result<()> {
+        let (rd, wr) = tokio::io::split(io);
+        let protocol = Arc::new(Transmission { export, inner: Arc::clone(&self.inner) });
+        let budget = u32::try_from(self.inner.max_in_flight).unwrap_or(u32::MAX);
+        serve::transmission(protocol, rd, wr, Limits { budget, grace: SHUTDOWN_GRACE }, stop).await
+    }
+}
+
+impl serve::Service for Server {
+    const NAME: &'static str = "r3map";
+
+    /// Runs the TLS handshake where there is one, then [`Server::serve_connection`].
+    async fn connection(&self, stream: Stream, peer: String, stop: Stop) {
+        let io: BoxedIo = match (stream, &self.inner.security) {
+            (Stream::Tcp(tcp), ServerSecurity::Tls(config)) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+                match serve::handshake(self.inner.handshake_timeout, &stop, acceptor.accept(tcp)).await {
+                    Handshake::Done(Ok(tls)) => Box::new(tls),
+                    Handshake::Done(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "TLS handshake failed");
+                        return;
                     }
+                    Handshake::TimedOut => {
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                    Handshake::Stopped => return,
                 }
             }
-            let h = match RequestHeader::decode(&header, max_request) {
-                Ok(h) => h,
-                Err(e) => {
-                    metrics::counter!("r3map_server_errors_total", "op" => "frame").increment(1);
-                    let id = u64::from_be_bytes(header[8..16].try_into().unwrap_or_default());
-                    let _ = tx.send(Reply::error(id, errno::EINVAL, format!("malformed frame: {e}")));
-                    break Err(e.into());
-                }
-            };
-            if h.op == Op::Disconnect {
-                break Ok(());
-            }
-            let mut payload = Vec::new();
-            if h.payload_len() > 0 {
-                payload = self.inner.pool.take(h.payload_len());
-                rd.read_exact(&mut payload).await?;
-            }
-            let permit = Arc::clone(&permits).acquire_owned().await.map_err(io::Error::other)?;
-            let export = Arc::clone(&export);
-            let inner = Arc::clone(&self.inner);
-            let tx = tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let reply = execute(&export, &inner.pool, h, payload);
-                record(h.op, &reply, started);
-                let _ = tx.send(reply);
-                drop(permit);
-            });
+            // Unix sockets are always plaintext.
+            (stream, _) => Box::new(stream),
         };
-        // Let requests in flight finish and their replies go out.
-        let _ = permits.acquire_many(u32::try_from(self.inner.max_in_flight).unwrap_or(u32::MAX)).await;
-        drop(tx);
-        writer.await.map_err(io::Error::other)??;
-        result
+        self.serve_connection(io, peer, stop).await;
+    }
+
+    fn flush_all(&self) -> impl Future<Output = io::Result<()>> + Send {
+        Server::flush_all(self)
+    }
+}
+
+/// One connection's requests, as [`serve::transmission`] runs them.
+struct Transmission {
+    export: Export,
+    inner: Arc<Inner>,
+}
+
+impl serve::Protocol for Transmission {
+    const HEADER_LEN: usize = REQUEST_HEADER_LEN;
+    type Request = (RequestHeader, Vec<u8>);
+    type Reply = Reply;
+
+    async fn decode<R: AsyncRead + Unpin + Send>(
+        &self,
+        header: &[u8],
+        rd: &mut R,
+    ) -> io::Result<Decoded<Self::Request, Reply>> {
+        let h = match RequestHeader::decode(header, self.inner.max_request) {
+            Ok(h) => h,
+            Err(e) => {
+                metrics::counter!("r3map_server_errors_total", "op" => "frame").increment(1);
+                let id = header.get(8..16).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+                let reply = Reply::error(id, errno::EINVAL, format!("malformed frame: {e}"));
+                return Ok(Decoded::Fatal(reply, e.into()));
+            }
+        };
+        if h.op == Op::Disconnect {
+            return Ok(Decoded::Disconnect);
+        }
+        let mut payload = Vec::new();
+        if h.payload_len() > 0 {
+            payload = self.inner.pool.take(h.payload_len());
+            rd.read_exact(&mut payload).await?;
+        }
+        Ok(Decoded::Run((h, payload)))
+    }
+
+    fn execute(&self, (h, payload): Self::Request) -> Reply {
+        let started = Instant::now();
+        let reply = execute(&self.export, &self.inner.pool, h, payload);
+        record(h.op, &reply, started);
+        reply
+    }
+
+    async fn write<W: AsyncWrite + Unpin + Send>(&self, out: &mut W, reply: Reply) -> io::Result<()> {
+        write_frame(out, &reply.header.encode(), &reply.payload).await?;
+        if reply.pooled {
+            self.inner.pool.put(reply.payload);
+        }
+        Ok(())
     }
 }
 
@@ -616,182 +602,9 @@ fn record(op: Op, reply: &Reply, started: Instant) {
     }
 }
 
-async fn write_replies(
-    wr: tokio::io::WriteHalf<BoxedIo>,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    inner: Arc<Inner>,
-) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, wr);
-    while let Some(reply) = rx.recv().await {
-        write_frame(&mut out, &reply.header.encode(), &reply.payload).await?;
-        if reply.pooled {
-            inner.pool.put(reply.payload);
-        }
-        if rx.is_empty() {
-            out.flush().await?;
-        }
-    }
-    out.flush().await?;
-    out.shutdown().await
-}
-
 async fn refuse(io: &mut BoxedIo, reason: Refusal, message: &str) -> io::Result<()> {
     let hello = ServerHello::Refused { version: proto::VERSION, reason, message: message.to_owned() };
     io.write_all(&hello.encode()).await?;
     io.flush().await?;
     io.shutdown().await
-}
-
-enum Listener {
-    Tcp(TcpListener, Option<tokio_rustls::TlsAcceptor>),
-    Unix(UnixListener),
-}
-
-/// An accepted connection, before TLS.
-struct Incoming {
-    peer: String,
-    stream: IncomingStream,
-}
-
-enum IncomingStream {
-    Tcp(tokio::net::TcpStream, Option<tokio_rustls::TlsAcceptor>),
-    Unix(tokio::net::UnixStream),
-}
-
-impl Listener {
-    async fn accept(&self) -> io::Result<Incoming> {
-        match self {
-            Self::Tcp(l, acceptor) => {
-                let (tcp, peer) = l.accept().await?;
-                tcp.set_nodelay(true)?;
-                Ok(Incoming { peer: peer.to_string(), stream: IncomingStream::Tcp(tcp, acceptor.clone()) })
-            }
-            Self::Unix(l) => {
-                let (s, _) = l.accept().await?;
-                Ok(Incoming { peer: "unix socket".to_owned(), stream: IncomingStream::Unix(s) })
-            }
-        }
-    }
-}
-
-impl Incoming {
-    /// Runs the TLS handshake where there is one.
-    async fn establish(self) -> io::Result<BoxedIo> {
-        match self.stream {
-            IncomingStream::Tcp(tcp, Some(acceptor)) => Ok(Box::new(acceptor.accept(tcp).await?)),
-            IncomingStream::Tcp(tcp, None) => Ok(Box::new(tcp)),
-            IncomingStream::Unix(s) => Ok(Box::new(s)),
-        }
-    }
-}
-
-/// A server running as a task on the process's shared runtime ([`Io::shared`]), for callers
-/// without an async runtime of their own (tests, benchmarks, simple tools).
-#[derive(Debug)]
-pub struct ServerHandle {
-    addr: Option<SocketAddr>,
-    path: Option<PathBuf>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<io::Result<()>>>,
-    io: Io,
-}
-
-impl ServerHandle {
-    /// Serves TCP on `addr` (port 0 picks one; see [`ServerHandle::local_addr`]).
-    ///
-    /// # Errors
-    /// Binding the address.
-    pub fn start_tcp(server: Server, addr: SocketAddr) -> io::Result<Self> {
-        let io = Io::shared();
-        let listener = io.block_on(TcpListener::bind(addr))?;
-        Self::serve_tcp_on(server, io, listener)
-    }
-
-    /// Serves TCP on a listener the caller bound, with whatever socket options it needs (the
-    /// server takes it over and closes it at shutdown).
-    ///
-    /// # Errors
-    /// The listener cannot be used by tokio.
-    pub fn start_tcp_listener(server: Server, listener: std::net::TcpListener) -> io::Result<Self> {
-        let io = Io::shared();
-        listener.set_nonblocking(true)?;
-        let listener = {
-            let _guard = io.handle().enter();
-            TcpListener::from_std(listener)?
-        };
-        Self::serve_tcp_on(server, io, listener)
-    }
-
-    fn serve_tcp_on(server: Server, io: Io, listener: TcpListener) -> io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = io.handle().spawn(async move {
-            server
-                .serve_tcp(listener, async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Ok(Self { addr: Some(local), path: None, stop: Some(stop), task: Some(task), io })
-    }
-
-    /// Serves a Unix socket at `path` (replacing a stale socket file).
-    ///
-    /// # Errors
-    /// Binding the socket.
-    pub fn start_unix(server: Server, path: &Path) -> io::Result<Self> {
-        let io = Io::shared();
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        let listener = {
-            let _guard = io.handle().enter();
-            UnixListener::bind(path)?
-        };
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = io.handle().spawn(async move {
-            server
-                .serve_unix(listener, async move {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Ok(Self { addr: None, path: Some(path.to_owned()), stop: Some(stop), task: Some(task), io })
-    }
-
-    /// The TCP address it listens on.
-    #[must_use]
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.addr
-    }
-
-    /// Stops accepting, finishes requests in flight, flushes the exports.
-    ///
-    /// # Errors
-    /// A failed final flush.
-    pub fn shutdown(mut self) -> io::Result<()> {
-        self.stop_and_join()
-    }
-
-    fn stop_and_join(&mut self) -> io::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let result = match self.task.take() {
-            Some(t) => self.io.block_on(t).map_err(|_| io::Error::other("the server task panicked"))?,
-            None => Ok(()),
-        };
-        if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
-        }
-        result
-    }
-}
-
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        if let Err(e) = self.stop_and_join() {
-            tracing::error!(error = %e, "the server's final flush failed");
-        }
-    }
 }
