@@ -12,11 +12,11 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use r3map_core::Capabilities;
+use r3map_net::serve::{self, Decoded, Handshake, Limits, Stop, Stopper};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
 
 use crate::exec::{Conn, check, error_reply, execute};
 pub use crate::exec::{SHUTDOWN_GRACE, errno_of};
@@ -148,8 +148,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 /// driver takes over after negotiation), or another stream (TLS over one of those, or what
 /// [`NbdServer::serve_stream`] was given), which the async driver serves.
 enum Link {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
+    Plain(serve::Stream),
     Other(Box<dyn Stream>),
 }
 
@@ -158,12 +157,12 @@ impl Link {
     /// other stream.
     fn into_plain_socket(self) -> io::Result<Result<Socket, Link>> {
         Ok(Ok(match self {
-            Self::Tcp(tcp) => {
+            Self::Plain(serve::Stream::Tcp(tcp)) => {
                 let s = tcp.into_std()?;
                 s.set_nonblocking(false)?;
                 Socket::Tcp(s)
             }
-            Self::Unix(unix) => {
+            Self::Plain(serve::Stream::Unix(unix)) => {
                 let s = unix.into_std()?;
                 s.set_nonblocking(false)?;
                 Socket::Unix(s)
@@ -173,28 +172,12 @@ impl Link {
     }
 }
 
-impl From<tokio::net::TcpStream> for Link {
-    fn from(s: tokio::net::TcpStream) -> Self {
-        Self::Tcp(s)
-    }
-}
-
-impl From<tokio::net::UnixStream> for Link {
-    fn from(s: tokio::net::UnixStream) -> Self {
-        Self::Unix(s)
-    }
-}
-
 /// Runs `$body` with `$s` bound to the stream inside `$link`, pinned.
 macro_rules! on_link {
     ($link:expr, $s:ident => $body:expr) => {
         match $link.get_mut() {
-            Link::Tcp(t) => {
-                let $s = std::pin::Pin::new(t);
-                $body
-            }
-            Link::Unix(u) => {
-                let $s = std::pin::Pin::new(u);
+            Link::Plain(p) => {
+                let $s = std::pin::Pin::new(p);
                 $body
             }
             Link::Other(o) => {
@@ -296,13 +279,7 @@ impl NbdServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        let accept = || async {
-            let (stream, peer) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            Ok((stream, peer.to_string()))
-        };
-        let require_tls = self.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require);
-        self.serve(accept, shutdown, require_tls).await
+        serve::serve(self, listener.into(), shutdown).await
     }
 
     /// Serves Unix socket connections until `shutdown` completes, as [`NbdServer::serve_tcp`].
@@ -315,11 +292,7 @@ impl NbdServer {
         listener: UnixListener,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
-        let accept = || async {
-            let (stream, _) = listener.accept().await?;
-            Ok((stream, "unix".to_owned()))
-        };
-        self.serve(accept, shutdown, false).await
+        serve::serve(self, listener.into(), shutdown).await
     }
 
     /// Serves one connected stream until the client disconnects or `shutdown` completes (requests
@@ -336,13 +309,13 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let conn = self.connection(Link::Other(Box::new(stream)), stop_rx, false);
+        let stopper = Stopper::new();
+        let conn = self.serve_link(Link::Other(Box::new(stream)), stopper.token(), false);
         tokio::pin!(conn, shutdown);
         tokio::select! {
             r = &mut conn => r,
             () = &mut shutdown => {
-                let _ = stop_tx.send(true);
+                stopper.stop();
                 conn.await
             }
         }
@@ -371,68 +344,23 @@ impl NbdServer {
         };
         socket.set_nonblocking(false)?;
         let conn = Conn { export, structured: false, contexts: Vec::new() };
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopper = Stopper::new();
         let start = threaded::Start::Eager { buffer: KERNEL_BUFFER };
-        let serve =
-            threaded::transmission(threaded::Socket::Unix(socket), conn, self.threads, start, stop_rx);
+        let serve = threaded::transmission(
+            threaded::Socket::Unix(socket),
+            conn,
+            self.threads,
+            start,
+            stopper.token(),
+        );
         tokio::pin!(serve, shutdown);
         tokio::select! {
             r = &mut serve => r.map_err(ConnectionError::from),
             () = &mut shutdown => {
-                let _ = stop_tx.send(true);
+                stopper.stop();
                 serve.await.map_err(ConnectionError::from)
             }
         }
-    }
-
-    async fn serve<F, Fut, S>(
-        &self,
-        accept: F,
-        shutdown: impl Future<Output = ()>,
-        require_tls: bool,
-    ) -> io::Result<()>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = io::Result<(S, String)>>,
-        S: Into<Link> + Send + 'static,
-    {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut connections = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                accepted = accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let server = self.clone();
-                        let stop = stop_rx.clone();
-                        connections.spawn(async move {
-                            tracing::debug!(%peer, "NBD client connected");
-                            metrics::counter!("r3map_nbd_connections_total").increment(1);
-                            metrics::gauge!("r3map_nbd_connections").increment(1);
-                            match server.connection(stream.into(), stop, require_tls).await {
-                                Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
-                                Err(e) => tracing::info!(%peer, error = %e, "NBD connection ended with an error"),
-                            }
-                            metrics::gauge!("r3map_nbd_connections").decrement(1);
-                        });
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: keep serving the clients we have.
-                        tracing::warn!(error = %e, "accepting an NBD connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            }
-        }
-        tracing::info!(
-            connections = connections.len(),
-            "NBD server shutting down: finishing requests in flight"
-        );
-        let _ = stop_tx.send(true);
-        while connections.join_next().await.is_some() {}
-        self.flush_all().await
     }
 
     /// Flushes every export's backend.
@@ -448,22 +376,15 @@ impl NbdServer {
         .map_err(io::Error::other)?
     }
 
-    async fn connection(
-        &self,
-        stream: Link,
-        mut stop: watch::Receiver<bool>,
-        require_tls: bool,
-    ) -> Result<(), ConnectionError> {
-        let negotiated = tokio::select! {
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.negotiate(stream, require_tls)) => r,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        };
-        let (session, stream) = match negotiated {
-            Ok(Ok(Negotiated::Transmit(s, stream))) => (s, stream),
-            Ok(Ok(Negotiated::Left)) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(ConnectionError::HandshakeTimeout),
-        };
+    /// Negotiates on `stream`, then serves transmission on it.
+    async fn serve_link(&self, stream: Link, stop: Stop, require_tls: bool) -> Result<(), ConnectionError> {
+        let (session, stream) =
+            match serve::handshake(HANDSHAKE_TIMEOUT, &stop, self.negotiate(stream, require_tls)).await {
+                Handshake::Done(Ok(Negotiated::Transmit(s, stream))) => (s, stream),
+                Handshake::Done(Ok(Negotiated::Left)) | Handshake::Stopped => return Ok(()),
+                Handshake::Done(Err(e)) => return Err(e),
+                Handshake::TimedOut => return Err(ConnectionError::HandshakeTimeout),
+            };
         let export = self.exports[session.export].clone();
         tracing::debug!(
             export = %export.name,
@@ -484,8 +405,11 @@ impl NbdServer {
         };
         let (rd, wr) = tokio::io::split(stream);
         let rd = BufReader::with_capacity(256 * 1024, rd);
-        let wr = BufWriter::with_capacity(256 * 1024, wr);
-        transmission(rd, wr, conn, stop).await.map_err(ConnectionError::from)
+        let size = conn.export.backend.size();
+        let caps = conn.export.backend.capabilities();
+        let protocol = Arc::new(Transmission { conn, size, caps });
+        let limits = Limits { budget: MAX_IN_FLIGHT_BYTES / BUDGET_UNIT, grace: SHUTDOWN_GRACE };
+        serve::transmission(protocol, rd, wr, limits, stop).await.map_err(ConnectionError::from)
     }
 
     /// Runs option haggling on an unbuffered stream (nothing may be read ahead of a TLS upgrade).
@@ -733,148 +657,92 @@ async fn send_error<W: AsyncWrite + Unpin>(
 // ---------------------------------------------------------------------------------------------
 // Transmission
 
+impl serve::Service for NbdServer {
+    const NAME: &'static str = "NBD";
+
+    async fn connection(&self, stream: serve::Stream, peer: String, stop: Stop) {
+        // TLS is required on TCP only: a Unix socket's file permissions guard it.
+        let require_tls = matches!(stream, serve::Stream::Tcp(_))
+            && self.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Require);
+        tracing::debug!(%peer, "NBD client connected");
+        metrics::counter!("r3map_nbd_connections_total").increment(1);
+        metrics::gauge!("r3map_nbd_connections").increment(1);
+        match self.serve_link(Link::Plain(stream), stop, require_tls).await {
+            Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
+            Err(e) => tracing::info!(%peer, error = %e, "NBD connection ended with an error"),
+        }
+        metrics::gauge!("r3map_nbd_connections").decrement(1);
+    }
+
+    fn flush_all(&self) -> impl Future<Output = io::Result<()>> + Send {
+        NbdServer::flush_all(self)
+    }
+}
+
 /// How much of the in-flight budget a request of `len` bytes takes.
 fn cost(len: u32) -> u32 {
     1 + len / BUDGET_UNIT
 }
 
-async fn transmission<R, W>(mut rd: R, wr: W, conn: Conn, mut stop: watch::Receiver<bool>) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let size = conn.export.backend.size();
-    let caps = conn.export.backend.capabilities();
-    let structured = conn.structured;
-    let conn = Arc::new(conn);
-    // Each reply travels with its share of the budget, released once it is written, so a
-    // client that stops reading stops the server from reading its requests too.
-    let (tx, rx) = mpsc::unbounded_channel::<(Vec<u8>, OwnedSemaphorePermit)>();
-    let writer = tokio::spawn(write_replies(wr, rx));
-    let budget_total = MAX_IN_FLIGHT_BYTES / BUDGET_UNIT;
-    let budget = Arc::new(Semaphore::new(budget_total as usize));
-    let mut header = [0u8; proto::REQUEST_LEN];
-    let result: io::Result<()> = loop {
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break Ok(()),
-            read = rd.read_exact(&mut header) => {
-                if let Err(e) = read {
-                    // A client that hangs up between requests is done with us.
-                    break if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
-                }
-            }
-        }
-        let req = match Request::decode(&header) {
-            Ok(r) => r,
-            Err(e) => {
-                // Without the magic the stream cannot be followed: hang up.
-                break Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad request: {e}")));
-            }
-        };
+/// Transmission on a stream the threaded driver cannot take (TLS, or one handed in), as
+/// [`serve::transmission`] runs it.
+struct Transmission {
+    conn: Conn,
+    size: u64,
+    caps: Capabilities,
+}
+
+impl serve::Protocol for Transmission {
+    const HEADER_LEN: usize = proto::REQUEST_LEN;
+    type Request = (Command, Request, Vec<u8>);
+    type Reply = Vec<u8>;
+
+    async fn decode<R: AsyncRead + Unpin + Send>(
+        &self,
+        header: &[u8],
+        rd: &mut R,
+    ) -> io::Result<Decoded<Self::Request, Vec<u8>>> {
+        // Without the magic the stream cannot be followed: hang up.
+        let req = Request::decode(header)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad request: {e}")))?;
         if req.command() == Some(Command::Disc) {
-            break Ok(());
+            return Ok(Decoded::Disconnect);
         }
-        let checked = check(&req, &conn, size, caps);
+        let checked = check(&req, &self.conn, self.size, self.caps);
         let mut payload = Vec::new();
         if req.command() == Some(Command::Write) {
             if checked.is_ok() {
                 payload = vec![0u8; req.length as usize];
-                if let Err(e) = rd.read_exact(&mut payload).await {
-                    break Err(e);
-                }
+                rd.read_exact(&mut payload).await?;
             } else {
                 // Keep the stream in step: the data of a refused write is read and dropped.
-                let mut skip = (&mut rd).take(u64::from(req.length));
-                if let Err(e) = tokio::io::copy(&mut skip, &mut tokio::io::sink()).await {
-                    break Err(e);
-                }
+                tokio::io::copy(&mut rd.take(u64::from(req.length)), &mut tokio::io::sink()).await?;
             }
         }
-        let cmd = match checked {
-            Ok(cmd) => cmd,
+        Ok(match checked {
+            Ok(cmd) => Decoded::Run((cmd, req, payload)),
             Err(r) => {
                 tracing::debug!(kind = req.kind, offset = req.offset, length = req.length, message = %r.message, "NBD request refused");
                 metrics::counter!("r3map_nbd_refused_total").increment(1);
-                let Some(permit) = acquire(&budget, 1, &mut stop).await else {
-                    break Ok(());
-                };
-                let _ = tx.send((error_reply(req.cookie, r.error, &r.message, structured), permit));
-                continue;
+                Decoded::Answer(error_reply(req.cookie, r.error, &r.message, self.conn.structured))
             }
-        };
-        let units = cost(if matches!(cmd, Command::Read | Command::Write) { req.length } else { 0 });
-        let Some(permit) = acquire(&budget, units, &mut stop).await else {
-            break Ok(());
-        };
-        let conn = Arc::clone(&conn);
-        let tx = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut reply = Vec::new();
-            let n = execute(&conn, cmd, &req, &payload, &mut reply);
-            reply.truncate(n);
-            let _ = tx.send((reply, permit));
-        });
-    };
-    // Let requests in flight finish and their replies go out; on shutdown, a client that does
-    // not read its replies gets SHUTDOWN_GRACE to do so.
-    let drained = tokio::select! {
-        r = budget.acquire_many(budget_total) => r.is_ok(),
-        () = async {
-            let _ = stop.wait_for(|s| *s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => false,
-    };
-    drop(tx);
-    if !drained {
-        writer.abort();
-        return result;
+        })
     }
-    let written = writer.await.map_err(io::Error::other)?;
-    result.and(written)
-}
 
-/// Takes `units` of the budget, or `None` once shutdown starts.
-async fn acquire(
-    budget: &Arc<Semaphore>,
-    units: u32,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<OwnedSemaphorePermit> {
-    tokio::select! {
-        p = Arc::clone(budget).acquire_many_owned(units) => p.ok(),
-        _ = stop.wait_for(|s| *s) => None,
+    fn cost(&self, (cmd, req, _): &Self::Request) -> u32 {
+        cost(if matches!(cmd, Command::Read | Command::Write) { req.length } else { 0 })
     }
-}
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    wr: W,
-    mut rx: mpsc::UnboundedReceiver<(Vec<u8>, OwnedSemaphorePermit)>,
-) -> io::Result<()> {
-    let mut out = wr;
-    let mut failed = None;
-    while let Some((reply, _permit)) = rx.recv().await {
-        if failed.is_some() {
-            // Keep draining so senders never block; the connection is gone.
-            continue;
-        }
-        let r = async {
-            out.write_all(&reply).await?;
-            if rx.is_empty() {
-                out.flush().await?;
-            }
-            Ok::<(), io::Error>(())
-        }
-        .await;
-        if let Err(e) = r {
-            failed = Some(e);
-        }
+    fn execute(&self, (cmd, req, payload): Self::Request) -> Vec<u8> {
+        let mut reply = Vec::new();
+        let n = execute(&self.conn, cmd, &req, &payload, &mut reply);
+        reply.truncate(n);
+        reply
     }
-    if let Some(e) = failed {
-        return Err(e);
+
+    async fn write<W: AsyncWrite + Unpin + Send>(&self, out: &mut W, reply: Vec<u8>) -> io::Result<()> {
+        out.write_all(&reply).await
     }
-    out.flush().await?;
-    let _ = out.shutdown().await;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use r3map_core::Capabilities;
-use tokio::sync::{Notify, watch};
+use r3map_net::serve::Stop;
+use tokio::sync::Notify;
 
 use crate::exec::{Conn, SHUTDOWN_GRACE, check, error_reply, execute};
 use crate::proto::{self, Command, Request};
@@ -140,13 +141,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Serves transmission on `socket` until the client leaves or `stop` turns true.
+/// Serves transmission on `socket` until the client leaves or `stop` fires.
 pub(crate) async fn transmission(
     socket: Socket,
     conn: Conn,
     max_threads: usize,
     start: Start,
-    mut stop: watch::Receiver<bool>,
+    stop: Stop,
 ) -> io::Result<()> {
     let max_threads = max_threads.max(1);
     let size = conn.export.backend.size();
@@ -180,11 +181,9 @@ pub(crate) async fn transmission(
     }
     let over = tokio::select! {
         () = &mut finished => true,
-        r = stop.wait_for(|s| *s) => {
-            if r.is_ok() {
-                shared.control.set_write_timeout(SHUTDOWN_GRACE);
-                shared.control.shutdown(Shutdown::Read);
-            }
+        () = stop.stopped() => {
+            shared.control.set_write_timeout(SHUTDOWN_GRACE);
+            shared.control.shutdown(Shutdown::Read);
             false
         }
     };
