@@ -643,3 +643,353 @@ impl Drop for ServerHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+    use super::*;
+
+    /// What the test servers report, in the order it happened.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Event {
+        Started(u8),
+        Executed(u8),
+        Stopped,
+        Handshake(&'static str),
+        Aborted,
+        Flushed,
+    }
+
+    /// One byte per request, answered with `reply_len` copies of it. 0 is goodbye, 0xFF a frame
+    /// that breaks the stream, 0xFE a refused request.
+    struct Echo {
+        reply_len: usize,
+        events: UnboundedSender<Event>,
+        /// When set, each request waits for a message on it before it runs.
+        gate: Option<Mutex<std::sync::mpsc::Receiver<()>>>,
+        executed: AtomicUsize,
+    }
+
+    impl Echo {
+        fn new(reply_len: usize, events: UnboundedSender<Event>) -> Self {
+            Self { reply_len, events, gate: None, executed: AtomicUsize::new(0) }
+        }
+    }
+
+    impl Protocol for Echo {
+        const HEADER_LEN: usize = 1;
+        type Request = u8;
+        type Reply = Vec<u8>;
+
+        async fn decode<R: AsyncRead + Unpin + Send>(
+            &self,
+            header: &[u8],
+            _rd: &mut R,
+        ) -> io::Result<Decoded<u8, Vec<u8>>> {
+            Ok(match header[0] {
+                0 => Decoded::Disconnect,
+                0xFF => Decoded::Fatal(b"bad".to_vec(), io::Error::new(io::ErrorKind::InvalidData, "bad")),
+                0xFE => Decoded::Answer(b"no".to_vec()),
+                b => Decoded::Run(b),
+            })
+        }
+
+        fn execute(&self, request: u8) -> Vec<u8> {
+            let _ = self.events.send(Event::Started(request));
+            if let Some(gate) = &self.gate {
+                gate.lock().unwrap().recv().unwrap();
+            }
+            self.executed.fetch_add(1, Ordering::SeqCst);
+            let _ = self.events.send(Event::Executed(request));
+            vec![request; self.reply_len]
+        }
+
+        async fn write<W: AsyncWrite + Unpin + Send>(&self, out: &mut W, reply: Vec<u8>) -> io::Result<()> {
+            out.write_all(&reply).await
+        }
+    }
+
+    type Handler = Arc<dyn Fn(Stream, Stop) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+    /// A service whose connections run `handler`, reporting the flush.
+    #[derive(Clone)]
+    struct Test {
+        handler: Handler,
+        events: UnboundedSender<Event>,
+        grace: Option<Duration>,
+    }
+
+    impl Test {
+        fn new<F, Fut>(events: &UnboundedSender<Event>, handler: F) -> Self
+        where
+            F: Fn(Stream, Stop) -> Fut + Send + Sync + 'static,
+            Fut: Future<Output = ()> + Send + 'static,
+        {
+            Self {
+                handler: Arc::new(move |s, stop| Box::pin(handler(s, stop))),
+                events: events.clone(),
+                grace: None,
+            }
+        }
+    }
+
+    impl Service for Test {
+        const NAME: &'static str = "test";
+
+        async fn connection(&self, stream: Stream, _peer: String, stop: Stop) {
+            (self.handler)(stream, stop).await;
+        }
+
+        async fn flush_all(&self) -> io::Result<()> {
+            let _ = self.events.send(Event::Flushed);
+            Ok(())
+        }
+
+        fn grace(&self) -> Option<Duration> {
+            self.grace
+        }
+    }
+
+    /// Reports the drop of what it guards: a connection task aborted or ended.
+    struct OnDrop(UnboundedSender<Event>);
+
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(Event::Aborted);
+        }
+    }
+
+    const LIMITS: Limits = Limits { budget: 2, grace: Duration::from_secs(10) };
+    /// A reply larger than the writer's buffer: writing it waits for the client to read.
+    const BIG: usize = WRITE_BUFFER + 4096;
+
+    async fn tcp() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (listener, addr)
+    }
+
+    /// Serves `service` on `listener` until the returned sender fires.
+    fn spawn_serve(
+        service: Test,
+        listener: TcpListener,
+    ) -> (oneshot::Sender<()>, JoinHandle<io::Result<()>>) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            serve(&service, listener.into(), async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        (stop, task)
+    }
+
+    async fn next(events: &mut UnboundedReceiver<Event>) -> Event {
+        events.recv().await.expect("the server reports")
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_requests_in_flight_finish_then_flushes() {
+        let (events_tx, mut events) = unbounded_channel();
+        let (release, gate) = std::sync::mpsc::channel();
+        let echo = Arc::new(Echo { gate: Some(Mutex::new(gate)), ..Echo::new(3, events_tx.clone()) });
+        let reports = events_tx.clone();
+        let service = Test::new(&events_tx, move |stream, stop| {
+            let (echo, reports) = (Arc::clone(&echo), reports.clone());
+            async move {
+                let watch = stop.clone();
+                tokio::spawn(async move {
+                    watch.stopped().await;
+                    let _ = reports.send(Event::Stopped);
+                });
+                let (rd, wr) = tokio::io::split(stream);
+                transmission(echo, rd, wr, LIMITS, stop).await.unwrap();
+            }
+        });
+        let (listener, addr) = tcp().await;
+        let (shutdown, served) = spawn_serve(service, listener);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(&[7]).await.unwrap();
+        assert_eq!(next(&mut events).await, Event::Started(7));
+        shutdown.send(()).unwrap();
+        assert_eq!(next(&mut events).await, Event::Stopped);
+        // The request is still running: nothing may be flushed before it is done.
+        release.send(()).unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, [7, 7, 7], "the reply goes out, then the server hangs up");
+        served.await.unwrap().unwrap();
+        assert_eq!(next(&mut events).await, Event::Executed(7));
+        assert_eq!(next(&mut events).await, Event::Flushed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_that_never_finishes_is_cut_at_the_timeout() {
+        let began = tokio::time::Instant::now();
+        let stopper = Stopper::new();
+        let out = handshake(Duration::from_secs(10), &stopper.token(), std::future::pending::<()>()).await;
+        assert_eq!(out, Handshake::TimedOut);
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
+
+        // Over a socket: a client that connects and says nothing.
+        let (events_tx, mut events) = unbounded_channel();
+        let reports = events_tx.clone();
+        let service = Test::new(&events_tx, move |mut stream, stop| {
+            let reports = reports.clone();
+            async move {
+                let _ = reports.send(Event::Started(0));
+                let mut hello = [0u8; 1];
+                let out = match handshake(Duration::from_secs(10), &stop, stream.read_exact(&mut hello)).await
+                {
+                    Handshake::Done(_) => "done",
+                    Handshake::TimedOut => "timed out",
+                    Handshake::Stopped => "stopped",
+                };
+                let _ = reports.send(Event::Handshake(out));
+            }
+        });
+        let (listener, addr) = tcp().await;
+        let (shutdown, served) = spawn_serve(service, listener);
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(next(&mut events).await, Event::Started(0));
+        assert_eq!(next(&mut events).await, Event::Handshake("timed out"));
+        // Shutdown does not wait for a silent client's handshake.
+        let _second = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(next(&mut events).await, Event::Started(0));
+        let stopping = tokio::time::Instant::now();
+        shutdown.send(()).unwrap();
+        served.await.unwrap().unwrap();
+        assert!(stopping.elapsed() < Duration::from_secs(10), "shutdown waited for a handshake");
+        assert_eq!(next(&mut events).await, Event::Handshake("stopped"));
+        assert_eq!(next(&mut events).await, Event::Flushed);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_handshake_returns_at_once() {
+        let stopper = Stopper::new();
+        let stop = stopper.token();
+        assert!(!stop.is_stopped());
+        stopper.stop();
+        assert!(stop.is_stopped());
+        let out = handshake(Duration::from_secs(3600), &stop, std::future::pending::<()>()).await;
+        assert_eq!(out, Handshake::Stopped);
+        // A dropped stopper counts as stopping.
+        let orphan = Stopper::new().token();
+        assert!(orphan.is_stopped());
+        orphan.stopped().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_stops_the_server_reading() {
+        let (events_tx, _events) = unbounded_channel();
+        let echo = Arc::new(Echo::new(BIG, events_tx));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (rd, wr) = tokio::io::split(server);
+        let stopper = Stopper::new();
+        let served = tokio::spawn(transmission(Arc::clone(&echo), rd, wr, LIMITS, stopper.token()));
+        client.write_all(&[1, 2, 3, 4, 5]).await.unwrap();
+        // With the clock paused, this sleep ends only once every task waits for something.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(echo.executed.load(Ordering::SeqCst), 2, "the budget of 2 is held by unread replies");
+        let mut replies = vec![0u8; 5 * BIG];
+        client.read_exact(&mut replies).await.unwrap();
+        assert_eq!(echo.executed.load(Ordering::SeqCst), 5);
+        let mut got: Vec<u8> = replies.chunks(BIG).map(|c| c[0]).collect();
+        got.sort_unstable();
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+        client.write_all(&[0]).await.unwrap();
+        served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_shutdown_a_client_that_does_not_read_gets_the_grace_then_is_dropped() {
+        let (events_tx, _events) = unbounded_channel();
+        let echo = Arc::new(Echo::new(BIG, events_tx));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (rd, wr) = tokio::io::split(server);
+        let stopper = Stopper::new();
+        let served = tokio::spawn(transmission(Arc::clone(&echo), rd, wr, LIMITS, stopper.token()));
+        client.write_all(&[1, 2]).await.unwrap();
+        // Every task waits now: the writer for the client, which does not read.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let stopping = tokio::time::Instant::now();
+        stopper.stop();
+        served.await.unwrap().unwrap();
+        assert_eq!(stopping.elapsed(), LIMITS.grace);
+        assert_eq!(echo.executed.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn refused_and_fatal_requests_are_answered() {
+        let (events_tx, _events) = unbounded_channel();
+        let echo = Arc::new(Echo::new(1, events_tx));
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (rd, wr) = tokio::io::split(server);
+        let stopper = Stopper::new();
+        let served = tokio::spawn(transmission(echo, rd, wr, LIMITS, stopper.token()));
+        client.write_all(&[0xFE, 0xFF]).await.unwrap();
+        let mut replies = Vec::new();
+        client.read_to_end(&mut replies).await.unwrap();
+        assert_eq!(replies, b"nobad");
+        let e = served.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_period_aborts_a_stuck_connection() {
+        let (events_tx, mut events) = unbounded_channel();
+        let reports = events_tx.clone();
+        let mut service = Test::new(&events_tx, move |_stream, _stop| {
+            let reports = reports.clone();
+            async move {
+                let _guard = OnDrop(reports.clone());
+                let _ = reports.send(Event::Started(0));
+                // Never looks at its stop.
+                std::future::pending::<()>().await;
+            }
+        });
+        service.grace = Some(Duration::from_secs(5));
+        let (listener, addr) = tcp().await;
+        let (shutdown, served) = spawn_serve(service, listener);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(next(&mut events).await, Event::Started(0));
+        let stopping = tokio::time::Instant::now();
+        shutdown.send(()).unwrap();
+        served.await.unwrap().unwrap();
+        assert_eq!(stopping.elapsed(), Duration::from_secs(5));
+        assert_eq!(next(&mut events).await, Event::Aborted);
+        assert_eq!(next(&mut events).await, Event::Flushed);
+    }
+
+    #[test]
+    fn a_handle_serves_a_unix_socket_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.sock");
+        let (events_tx, mut events) = unbounded_channel();
+        let echo = Arc::new(Echo::new(2, events_tx.clone()));
+        let service = Test::new(&events_tx, move |stream, stop| {
+            let echo = Arc::clone(&echo);
+            async move {
+                let (rd, wr) = tokio::io::split(stream);
+                transmission(echo, rd, wr, LIMITS, stop).await.unwrap();
+            }
+        });
+        let handle = ServerHandle::start_unix(service, &path).unwrap();
+        assert_eq!(handle.local_addr(), None);
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        std::io::Write::write_all(&mut client, &[9, 0]).unwrap();
+        let mut reply = Vec::new();
+        std::io::Read::read_to_end(&mut client, &mut reply).unwrap();
+        assert_eq!(reply, [9, 9]);
+        handle.shutdown().unwrap();
+        assert!(!path.exists(), "the socket file is removed");
+        assert_eq!(events.try_recv().unwrap(), Event::Started(9));
+        assert_eq!(events.try_recv().unwrap(), Event::Executed(9));
+        assert_eq!(events.try_recv().unwrap(), Event::Flushed);
+    }
+}
