@@ -1,10 +1,12 @@
 //! The server: fixed newstyle negotiation, then transmission with requests run concurrently.
 //!
-//! Each connection has a reader that decodes requests and starts each backend call at once on
-//! tokio's blocking pool (backends are blocking), and one writer task that sends the replies in
-//! the order they complete. A connection holds at most [`MAX_IN_FLIGHT_BYTES`] of request and
-//! reply buffers. Shutdown stops accepting, lets requests in flight finish, then flushes every
-//! export.
+//! Accepting, the connection set and shutdown (stop accepting, let requests in flight finish,
+//! then flush every export) are [`r3map_net::serve`]'s. After negotiation, a plaintext socket is
+//! served by the threaded driver (`threaded`); any other stream (TLS, or one handed in) by
+//! [`serve::transmission`] with NBD's codec: requests run at once on tokio's blocking pool and
+//! are answered in the order they complete, and a connection holds at most
+//! [`MAX_IN_FLIGHT_BYTES`] of request and reply buffers. This file is negotiation, the codec and
+//! the configuration; running a request is `exec`'s.
 
 use std::fmt;
 use std::future::Future;
