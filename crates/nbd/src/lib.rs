@@ -46,7 +46,9 @@
 //! - [`proto`]: constants and pure encoders and decoders of the wire format (no I/O).
 //! - [`server`]: [`NbdServer`] (TCP, Unix sockets and single streams), [`NbdExport`] and the
 //!   errors of the control path ([`ConfigError`], [`ConnectionError`]). The data path reports
-//!   `io::Error`s, which become NBD error values ([`server::errno_of`]).
+//!   `io::Error`s, which become NBD error values ([`server::errno_of`]). Accepting, shutdown and
+//!   the async transmission driver are [`r3map_net::serve`]'s; [`r3map_net::ServerHandle`] runs
+//!   an `NbdServer` on an `Io` runtime as it runs the native one.
 //! - [`status`]: metadata contexts (`base:allocation`, `r3map:chunks`) and [`ChunkStates`].
 //! - `export` (re-exported from [`server`]): what is served, [`NbdExport`] and [`BlockSizes`].
 //! - `exec`: request execution without I/O: a request checked against its connection, run on the

@@ -757,6 +757,23 @@ mod tests {
     }
 
     #[test]
+    fn serves_under_the_shared_server_handle() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let server = NbdServer::new(vec![export("disk")]).unwrap();
+        let handle = r3map_net::ServerHandle::start_unix(server, &path).unwrap();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let mut greeting = [0u8; proto::GREETING_LEN];
+        client.read_exact(&mut greeting).unwrap();
+        let flags = proto::decode_greeting(&greeting).unwrap();
+        assert_eq!(flags, handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES);
+        drop(client);
+        handle.shutdown().unwrap();
+        assert!(!path.exists(), "the socket file is removed");
+    }
+
+    #[test]
     fn config_is_checked() {
         assert!(matches!(NbdServer::new(vec![]), Err(ConfigError::NoExports)));
         assert!(matches!(NbdServer::new(vec![export("a"), export("a")]), Err(ConfigError::DuplicateName(_))));

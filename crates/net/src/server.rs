@@ -1,12 +1,11 @@
 //! The server: exposes [`Backend`]s (and migration [`Seeder`]s) to clients over TCP (TLS 1.3 by
 //! default), plaintext TCP when asked for, and Unix sockets.
 //!
-//! The connections, their requests and shutdown run on [`serve`](crate::serve): up to
-//! `max_in_flight` requests per connection run at once on tokio's blocking pool, their replies go
-//! back in completion order, and shutdown stops accepting, lets requests in flight finish, then
-//! flushes every export. This file is the protocol: the TLS upgrade, the hello, decoding and
-//! running requests, and their metrics. A malformed frame gets an error reply and closes that
-//! connection only.
+//! The connections, their requests and shutdown run on [`serve`]: up to `max_in_flight` requests
+//! per connection run at once on tokio's blocking pool, their replies go back in completion
+//! order, and shutdown stops accepting, lets requests in flight finish, then flushes every
+//! export. This file is the protocol: the TLS upgrade, the hello, decoding and running requests,
+//! and their metrics. A malformed frame gets an error reply and closes that connection only.
 
 use std::collections::HashMap;
 use std::fmt;
