@@ -107,16 +107,33 @@ struct Transport {
     _grpc: Option<GrpcServer>,
 }
 
+/// Serves on a runtime of its own, as a server in another process would: the clients run on the
+/// process's shared one ([`r3map_net::Io::shared`]), and sharing its two threads with the servers
+/// would measure the two sides competing for them, not the protocol.
+fn serve_apart(server: Server) -> std::io::Result<ServerHandle> {
+    static SERVERS: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = SERVERS.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-server")
+            .enable_all()
+            .build()
+            .expect("the servers' runtime")
+    });
+    let io = r3map_net::Io::from_handle(runtime.handle().clone());
+    let listener = r3map_net::serve::Listener::bind_tcp(&io, any_port())?;
+    Ok(ServerHandle::start(server, io, listener))
+}
+
 fn transports(backend: &SharedBackend) -> Vec<Transport> {
     let mut out = Vec::new();
 
-    let plain = ServerHandle::start_tcp(
+    let plain = serve_apart(
         Server::new(ServerConfig::new(
             Export::new("default", Arc::clone(backend)),
             ServerSecurity::Plaintext,
         ))
         .expect("server"),
-        any_port(),
     )
     .expect("start");
     let addr = Address::Tcp { host: "127.0.0.1".into(), port: plain.local_addr().expect("addr").port() };
@@ -124,13 +141,12 @@ fn transports(backend: &SharedBackend) -> Vec<Transport> {
         RemoteBackend::connect(addr, ClientOptions::new(ClientSecurity::Plaintext)).expect("connect");
     out.push(Transport { name: "native", client: Arc::new(client), _native: Some(plain), _grpc: None });
 
-    let plain = ServerHandle::start_tcp(
+    let plain = serve_apart(
         Server::new(ServerConfig::new(
             Export::new("default", Arc::clone(backend)),
             ServerSecurity::Plaintext,
         ))
         .expect("server"),
-        any_port(),
     )
     .expect("start");
     let addr = Address::Tcp { host: "127.0.0.1".into(), port: plain.local_addr().expect("addr").port() };
@@ -149,7 +165,7 @@ fn transports(backend: &SharedBackend) -> Vec<Transport> {
     let tls = server_tls(cert.cert.as_bytes(), cert.key.as_bytes(), None).expect("tls");
     let mut config = ServerConfig::new(Export::new("default", Arc::clone(backend)), ServerSecurity::Tls(tls));
     config.token = Some("bench".into());
-    let secure = ServerHandle::start_tcp(Server::new(config).expect("server"), any_port()).expect("start");
+    let secure = serve_apart(Server::new(config).expect("server")).expect("start");
     let addr = Address::Tcp { host: "localhost".into(), port: secure.local_addr().expect("addr").port() };
     let mut options = ClientOptions::new(ClientSecurity::Tls {
         config: client_tls(ca.pem().cert.as_bytes(), None).expect("client tls"),
