@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-pub use r3map_core::units::parse_size;
+pub use r3map_core::units::{human, parse_size};
 
 /// Parses a duration: a number with a unit `us`, `ms`, `s`, `m` or `h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -18,18 +18,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
         other => Err(format!("unknown duration unit '{other}' in '{s}' (use us, ms, s, m or h)")),
     }
-}
-
-/// A byte count for people: `1.5 GiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 #[cfg(test)]

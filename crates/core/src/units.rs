@@ -1,5 +1,5 @@
-//! Parsing of byte sizes as users write them (`64KiB`, `4G`, `1048576`): command lines and URL
-//! parameters.
+//! Byte sizes as users write them (`64KiB`, `4G`, `1048576`: command lines and URL parameters)
+//! and as they read them (`1.5 GiB`: descriptions and messages).
 
 /// Parses a byte size: a number with an optional unit `B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`,
 /// `T`/`TiB` (all binary; `KB`, `MB`, ... are accepted as the same binary units, as `dd` users
@@ -21,4 +21,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `4.0 GiB`.
+#[must_use]
+#[allow(clippy::cast_precision_loss)] // one decimal is shown
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }

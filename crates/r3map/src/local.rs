@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use r3map_core::units::parse_size;
+use r3map_core::units::{human, parse_size};
 use r3map_core::{Backend as _, Dir, File, Memory, SharedBackend};
 
 use crate::params::Params;
@@ -27,18 +27,6 @@ fn invalid(message: String) -> io::Error {
 /// `what: error`, of the error's kind.
 fn context(e: &io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
-/// A byte count for people: `1.5 GiB`.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 /// `memory:SIZE` (also `memory://SIZE`).
